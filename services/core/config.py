@@ -1,0 +1,347 @@
+"""One TOML file per router, a section per daemon, validated strictly.
+
+Every field is declared once in a frozen dataclass with a docstring-like ``doc``.
+Unknown keys, wrong types, bad CIDRs and out-of-range values raise one
+:class:`ConfigError` naming the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import ipaddress
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+DEFAULT_CONFIG = "/etc/vpnr/router.toml"
+
+_INSTANCE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,23}$")
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_PEER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+class ConfigError(Exception):
+    """A configuration file is unreadable or invalid; the message says where and why."""
+
+    def __init__(self, file: str | Path, key: str, problem: str) -> None:
+        self.file = str(file)
+        self.key = key
+        self.problem = problem
+        where = f"{self.file}: {key}: " if key else f"{self.file}: "
+        super().__init__(where + problem)
+
+
+def doc(text: str, check: str = "", default: Any = dataclasses.MISSING) -> Any:
+    """Declare a config field with its documentation and an optional named check."""
+    meta = {"doc": text, "check": check}
+    if default is dataclasses.MISSING:
+        return field(metadata=meta)
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use tuples for defaults")
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouterConfig:
+    """Settings shared by the four daemons of one router."""
+
+    instance: str = doc("Router instance name: sockets, pins and state are named after it.",
+                        "instance")
+    run_dir: str = doc("Parent directory of the per-instance socket directory.",
+                       "abspath", "/run/vpnr")
+    state_dir: str = doc("Persistent state; empty means /var/lib/vpnr/<instance>.", "abspath?", "")
+    bpffs_dir: str = doc("Parent of the per-instance pin directory on bpffs.", "abspath",
+                         "/sys/fs/bpf/vpnr")
+    admin_group: str = doc("Local group whose members may use the sockets.", "", "vpnr-admin")
+    log_level: Literal["debug", "info", "warning", "error"] = doc("Log threshold.", "", "info")
+
+    @property
+    def socket_dir(self) -> Path:
+        """Directory holding this instance's daemon sockets."""
+        return Path(self.run_dir) / self.instance
+
+    @property
+    def state_path(self) -> Path:
+        """Directory holding this instance's persistent state."""
+        return Path(self.state_dir or f"/var/lib/vpnr/{self.instance}")
+
+    @property
+    def pin_dir(self) -> Path:
+        """Directory on bpffs holding this instance's pinned programs, links and maps."""
+        return Path(self.bpffs_dir) / self.instance
+
+    def socket_path(self, daemon: str) -> Path:
+        """Unix socket of one daemon of this instance."""
+        return self.socket_dir / f"{daemon}.sock"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricsConfig:
+    """Mixin fields: where a daemon serves Prometheus metrics."""
+
+    metrics_port: int = doc("Loopback TCP port for /metrics; 0 disables.", "port0", 0)
+    metrics_address: str = doc("Address for /metrics; must be a loopback address.", "loopback",
+                               "127.0.0.1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class InterfaceConfig:
+    """One interface policyd attaches its XDP program to."""
+
+    name: str = doc("Interface name in the router's network namespace.", "ifname")
+    zone: Literal["internal", "external"] = doc(
+        "Zone of the network on this interface: internal (LAN) or external (WAN).")
+    xdp_mode: Literal["native", "generic"] = doc("XDP attach mode.", "", "native")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicydConfig(MetricsConfig):
+    """policyd: the XDP RBAC program and the policy maps."""
+
+    interfaces: tuple[InterfaceConfig, ...] = doc("Interfaces to enforce policy on.", "nonempty")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerConfig:
+    """A peer router: its static key and the prefixes behind it."""
+
+    name: str = doc("Peer name.", "peername")
+    public_key: str = doc("Base64 X25519 static public key (32 bytes).", "x25519")
+    allowed_prefixes: tuple[str, ...] = doc("Prefixes behind the peer (cryptokey routing).",
+                                            "cidrs")
+    endpoint: str = doc("host:port of the peer; empty for responder-only peers.",
+                        "endpoint?", "")
+    keepalive_seconds: int = doc("Persistent keepalive interval; 0 disables.", "nonneg", 0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TunneldConfig(MetricsConfig):
+    """tunneld: Noise XX sessions and the AF_XDP data path."""
+
+    listen_port: int = doc("UDP port for tunnel messages.", "port", 51820)
+    wan_interface: str = doc("Interface facing the underlay.", "ifname?", "")
+    peers: tuple[PeerConfig, ...] = doc("Peer routers.", "", ())
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditdConfig(MetricsConfig):
+    """auditd: ring buffer drain and sinks."""
+
+    database: str = doc("SQLite file; relative paths are under the state directory.", "path",
+                        "audit.sqlite")
+
+
+@dataclass(frozen=True, kw_only=True)
+class IdpdConfig(MetricsConfig):
+    """idpd: OIDC identity provider sync."""
+
+    issuer: str = doc("OIDC issuer URL; empty means no IdP configured.", "url?", "")
+    client_id: str = doc("OAuth client id of this router at the IdP.", "", "")
+    discovery_timeout_seconds: float = doc("Timeout for the discovery fetch.", "positive", 5.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """The whole router configuration file."""
+
+    router: RouterConfig = doc("Shared settings.")
+    policyd: PolicydConfig = doc("policyd section.")
+    tunneld: TunneldConfig = doc("tunneld section.", "", TunneldConfig())
+    auditd: AuditdConfig = doc("auditd section.", "", AuditdConfig())
+    idpd: IdpdConfig = doc("idpd section.", "", IdpdConfig())
+    path: str = field(default="", metadata={"internal": True})
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"an array of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a table"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
+        tp, str(tp))
+
+
+def _check(file: str, key: str, check: str, value: Any) -> None:
+    """Apply a named semantic check; ``?`` suffix means the empty string is allowed."""
+    if not check:
+        return
+    if check.endswith("?"):
+        if value == "":
+            return
+        check = check[:-1]
+
+    def fail(expected: str) -> typing.NoReturn:
+        raise ConfigError(file, key, f"expected {expected}, got {value!r}")
+
+    if check == "instance" and not _INSTANCE_RE.match(value):
+        fail("1-24 characters of a-z, 0-9, '_' or '-', starting with a letter or digit")
+    elif check == "abspath" and not value.startswith("/"):
+        fail("an absolute path")
+    elif check == "path" and (not value or "\x00" in value):
+        fail("a file path")
+    elif check == "ifname" and not _IFNAME_RE.match(value):
+        fail("an interface name (1-15 of A-Z a-z 0-9 _ . -)")
+    elif check == "peername" and not _PEER_NAME_RE.match(value):
+        fail("a peer name (a-z, 0-9, '_', '.', '-'; up to 63)")
+    elif check == "port" and not 1 <= value <= 65535:
+        fail("a port number 1-65535")
+    elif check == "port0" and not 0 <= value <= 65535:
+        fail("a port number 0-65535 (0 disables)")
+    elif check == "nonneg" and value < 0:
+        fail("a number >= 0")
+    elif check == "positive" and value <= 0:
+        fail("a number > 0")
+    elif check == "nonempty" and not value:
+        fail("at least one entry")
+    elif check == "loopback":
+        try:
+            if not ipaddress.ip_address(value).is_loopback:
+                fail("a loopback address (metrics are never exposed off the host)")
+        except ValueError:
+            fail("an IP address")
+    elif check == "cidrs":
+        if not value:
+            fail("at least one CIDR prefix")
+        for i, prefix in enumerate(value):
+            parse_cidr(file, f"{key}[{i}]", prefix)
+    elif check == "x25519":
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            fail("base64 of a 32-byte X25519 public key")
+        if len(raw) != 32:
+            fail(f"base64 of a 32-byte X25519 public key (decoded {len(raw)} bytes)")
+    elif check == "endpoint":
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            fail("host:port")
+    elif check == "url" and not re.match(r"^https?://[^\s/]+", value):
+        fail("an http(s) URL")
+
+
+def parse_cidr(file: str, key: str, value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """Parse a CIDR prefix strictly (no host bits set)."""
+    try:
+        return ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        raise ConfigError(file, key, f"expected a CIDR prefix like 10.0.0.0/24, got {value!r}: "
+                                     f"{exc}") from exc
+
+
+def _convert(file: str, key: str, tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, dict):
+            raise ConfigError(file, key, f"expected a table, got {value!r}")
+        return _build(file, key, tp, value)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(file, key, f"expected {_type_name(tp)}, got {value!r}")
+        (item_tp, _) = typing.get_args(tp)
+        return tuple(_convert(file, f"{key}[{i}]", item_tp, v) for i, v in enumerate(value))
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(file, key, f"expected {_type_name(tp)}, got {value!r}")
+        return value
+    # bool is a subclass of int in Python: reject it where a number is expected.
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(file, key, f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(file, key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp in (str, bool) and not isinstance(value, tp):
+        raise ConfigError(file, key, f"expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(file: str, section: str, cls: type[Any], table: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        where = f"{section}.{unknown[0]}" if section else unknown[0]
+        raise ConfigError(file, where, "unknown key (known: " + ", ".join(sorted(fields)) + ")")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = f"{section}.{name}" if section else name
+        if name not in table:
+            if f.default is dataclasses.MISSING:
+                raise ConfigError(file, key, f"missing required key ({_type_name(hints[name])})")
+            continue
+        value = _convert(file, key, hints[name], table[name])
+        _check(file, key, f.metadata.get("check", ""), value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _cross_checks(cfg: Config) -> None:
+    file = cfg.path
+    names = [i.name for i in cfg.policyd.interfaces]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            raise ConfigError(file, f"policyd.interfaces[{i}].name",
+                              f"interface {name!r} is listed twice")
+    peers = [p.name for p in cfg.tunneld.peers]
+    for i, name in enumerate(peers):
+        if peers.index(name) != i:
+            raise ConfigError(file, f"tunneld.peers[{i}].name", f"peer {name!r} is listed twice")
+    ports: dict[int, str] = {}
+    for daemon in ("policyd", "tunneld", "auditd", "idpd"):
+        port = getattr(cfg, daemon).metrics_port
+        if port and port in ports:
+            raise ConfigError(file, f"{daemon}.metrics_port",
+                              f"port {port} is already used by {ports[port]}.metrics_port")
+        if port:
+            ports[port] = daemon
+
+
+def parse_config(text: str, path: str | Path = "<string>") -> Config:
+    """Validate TOML text into a :class:`Config`; raises :class:`ConfigError`."""
+    file = str(path)
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, "", f"not valid TOML: {exc}") from exc
+    cfg = _build(file, "", Config, table)
+    cfg = dataclasses.replace(cfg, path=file)
+    _cross_checks(cfg)
+    return typing.cast(Config, cfg)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file; raises :class:`ConfigError`."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, "", f"not UTF-8 text: {exc}") from exc
+    return parse_config(text, path)
+
+
+def describe(cls: type[Any] = Config, section: str = "") -> list[str]:
+    """Reference lines for every key (used by `--help-config` and docs)."""
+    lines: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        key = f"{section}.{f.name}" if section else f.name
+        tp = hints[f.name]
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            lines.append(f"[{key}]  {f.metadata.get('doc', '')}")
+            lines.extend(describe(tp, key))
+            continue
+        default = "" if f.default is dataclasses.MISSING else f" (default {f.default!r})"
+        lines.append(f"  {key}: {_type_name(tp)}{default}. {f.metadata.get('doc', '')}")
+    return lines
+

@@ -1,0 +1,260 @@
+"""The daemon core every vpnr daemon runs on.
+
+A daemon is a :class:`DaemonApp` (its real work plus thin servicers). This module gives it:
+argument parsing with a ``check-config`` mode, strict config loading (exit code 2 on error),
+JSON logs, a ``grpc.aio`` server on ``/run/vpnr/<instance>/<daemon>.sock`` with health and
+reflection, socket and directory modes that keep non-admin local users out, Prometheus
+metrics on loopback, and a graceful stop on SIGTERM/SIGINT that removes the socket.
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import asyncio
+import contextlib
+import grp
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, Gauge, Info, start_http_server
+
+from vpnr import __version__
+from vpnr.core.config import DEFAULT_CONFIG, Config, ConfigError, describe, load_config
+from vpnr.core.logs import setup_logging
+from vpnr.v1 import common_pb2
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+SOCKET_DIR_MODE = 0o750   # root and the admin group may enter; nobody else
+SOCKET_MODE = 0o660       # root and the admin group may connect
+STOP_GRACE_SECONDS = 5.0
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+log = logging.getLogger("vpnr.daemon")
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message tells the operator what to fix."""
+
+
+@dataclass
+class Runtime:
+    """Facts about this running daemon, shared with its app."""
+
+    daemon: str
+    config: Config
+    started_monotonic: float = field(default_factory=time.monotonic)
+    started_wall: float = field(default_factory=time.time)
+    metrics_address: str = ""
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    @property
+    def socket_path(self) -> Path:
+        """This daemon's Unix socket."""
+        return self.config.router.socket_path(self.daemon)
+
+    def daemon_info(self) -> common_pb2.DaemonInfo:
+        """The common part of every Status answer."""
+        started = Timestamp()
+        started.FromNanoseconds(int(self.started_wall * 1e9))
+        return common_pb2.DaemonInfo(
+            daemon=self.daemon,
+            version=__version__,
+            instance=self.config.router.instance,
+            pid=os.getpid(),
+            started_at=started,
+            uptime_seconds=time.monotonic() - self.started_monotonic,
+            config_file=self.config.path,
+            socket_path=str(self.socket_path),
+            metrics_address=self.metrics_address,
+        )
+
+
+class DaemonApp(abc.ABC):
+    """One daemon's real work. Subclasses set ``name`` and ``service_names``."""
+
+    name: ClassVar[str]
+    service_names: ClassVar[tuple[str, ...]]
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.config = runtime.config
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Do the daemon's start-up work; raise :class:`StartupError` to refuse to start."""
+
+    async def stop(self) -> None:  # noqa: B027 - optional hook
+        """Release what start() acquired that must not outlive the process."""
+
+    @abc.abstractmethod
+    def register(self, server: grpc.aio.Server) -> None:
+        """Add this daemon's servicers to the server."""
+
+
+def parse_args(prog: str, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse a daemon's command line (``run`` is the default command)."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=f"vpnr {prog} daemon.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "examples:\n"
+            f"  {prog} --config /etc/vpnr/router.toml              # serve\n"
+            f"  {prog} check-config --config /etc/vpnr/router.toml # validate and exit\n"
+            f"  {prog} --help-config                               # every config key\n"
+            "exit codes: 0 ok, 1 runtime failure, 2 invalid configuration"
+        ),
+    )
+    parser.add_argument("command", nargs="?", choices=("run", "check-config"), default="run")
+    parser.add_argument("--config", "-c", default=DEFAULT_CONFIG, help="router TOML file")
+    parser.add_argument("--help-config", action="store_true", help="list every config key")
+    return parser.parse_args(argv)
+
+
+def run_daemon(app_cls: type[DaemonApp], argv: Sequence[str] | None = None) -> int:
+    """Entry point shared by the daemons; returns the process exit code."""
+    prog = app_cls.name
+    args = parse_args(prog, argv)
+    if args.help_config:
+        print("\n".join(describe()))
+        return EXIT_OK
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"{prog}: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "check-config":
+        print(f"{prog}: {config.path}: configuration is valid "
+              f"(instance {config.router.instance!r})")
+        return EXIT_OK
+    setup_logging(prog, config.router.instance, config.router.log_level)
+    try:
+        return asyncio.run(serve(app_cls, config))
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_FAILURE
+    except ConfigError as exc:
+        log.error("invalid configuration: %s", exc)
+        return EXIT_CONFIG
+
+
+def admin_gid(config: Config) -> int:
+    """The numeric id of the configured admin group."""
+    try:
+        return grp.getgrnam(config.router.admin_group).gr_gid
+    except KeyError as exc:
+        raise ConfigError(
+            config.path, "router.admin_group",
+            f"group {config.router.admin_group!r} does not exist on this host "
+            "(deploy/setup-host.sh creates vpnr-admin)") from exc
+
+
+def prepare_socket(runtime: Runtime, gid: int) -> Path:
+    """Create the socket directory with safe modes and clear a stale socket."""
+    router = runtime.config.router
+    Path(router.run_dir).mkdir(mode=0o755, parents=True, exist_ok=True)
+    sock_dir = router.socket_dir
+    sock_dir.mkdir(mode=SOCKET_DIR_MODE, exist_ok=True)
+    os.chown(sock_dir, 0, gid)
+    os.chmod(sock_dir, SOCKET_DIR_MODE)
+    path = runtime.socket_path
+    if path.exists() or path.is_symlink():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # nobody listens: a stale socket from a killed process
+        else:
+            raise StartupError(f"another {runtime.daemon} is already serving on {path}")
+        finally:
+            probe.close()
+    return path
+
+
+def start_metrics(runtime: Runtime) -> Any:
+    """Serve /metrics on the configured loopback port; returns the HTTP server or None."""
+    section = getattr(runtime.config, runtime.daemon)
+    Info("vpnr_build", "vpnr build information", registry=runtime.registry).info(
+        {"version": __version__, "daemon": runtime.daemon,
+         "instance": runtime.config.router.instance})
+    Gauge("vpnr_daemon_start_time_seconds", "Unix time the daemon started",
+          registry=runtime.registry).set(runtime.started_wall)
+    if not section.metrics_port:
+        return None
+    try:
+        server, _thread = start_http_server(section.metrics_port, section.metrics_address,
+                                            registry=runtime.registry)
+    except OSError as exc:
+        raise StartupError(f"cannot serve metrics on {section.metrics_address}:"
+                           f"{section.metrics_port}: {exc.strerror}") from exc
+    runtime.metrics_address = f"{section.metrics_address}:{section.metrics_port}"
+    return server
+
+
+async def serve(app_cls: type[DaemonApp], config: Config) -> int:
+    """Run one daemon until SIGTERM/SIGINT; returns the exit code."""
+    runtime = Runtime(daemon=app_cls.name, config=config)
+    gid = admin_gid(config)
+    path = prepare_socket(runtime, gid)
+    app = app_cls(runtime)
+    await app.start()
+    metrics_server = start_metrics(runtime)
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ])
+    app.register(server)
+    health_servicer = health.aio.HealthServicer()
+    from grpc_health.v1 import health_pb2_grpc
+
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (*app.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    # The socket is born 0660 (umask), so there is no moment where others may connect.
+    old_umask = os.umask(0o117)
+    try:
+        server.add_insecure_port(f"unix:{path}")
+        await server.start()
+    finally:
+        os.umask(old_umask)
+    os.chown(path, 0, gid)
+    os.chmod(path, SOCKET_MODE)
+    for name in ("", *app.service_names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", extra={"socket": str(path), "metrics": runtime.metrics_address,
+                               "version": __version__})
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(STOP_GRACE_SECONDS)
+        await app.stop()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
+    log.info("stopped")
+    return EXIT_OK
