@@ -44,7 +44,7 @@ bpf_crypto_ctx_create(const struct bpf_crypto_params *params, __u32 params__sz,
 		      int *err) __ksym;
 extern void bpf_crypto_ctx_release(struct bpf_crypto_ctx *ctx) __ksym;
 
-/* The crypto kfuncs are GPL-only; a non-GPL program would fail to load. */
+/* The verifier only lets GPL-compatible programs call kfuncs. */
 char LICENSE[] SEC("license") = "GPL";
 
 /* "syscall" makes libbpf load it sleepable, which bpf_crypto_ctx_create requires. */

@@ -26,7 +26,7 @@ PROBE_SRC = BPF_DIR / "probe_crypto.bpf.c"
 AF_XDP = 44
 _BTF_KIND_STRUCT, _BTF_KIND_FUNC = 4, 12
 _KFUNCS = ("bpf_crypto_ctx_create", "bpf_crypto_ctx_release")
-_PARAMS_SIZE = 408  # sizeof(struct bpf_crypto_params); checked against kernel BTF
+_PARAMS_SIZE = 408  # sizeof(struct bpf_crypto_params) as hand-declared in the .bpf.c
 _ERRNO_NAMES = {**errno.errorcode, errno.EOPNOTSUPP: "EOPNOTSUPP"}  # not "ENOTSUP"
 _METHOD = "bpf_crypto_ctx_create via BPF_PROG_TYPE_SYSCALL + BPF_PROG_TEST_RUN"
 
@@ -70,6 +70,7 @@ class KernelProbeResult:
     notes: list[str] = field(default_factory=list)
 
 
+# fmt: off
 class _TestRunOpts(ctypes.Structure):
     """libbpf's ``struct bpf_test_run_opts`` (layout as of libbpf 1.1)."""
 
@@ -86,13 +87,26 @@ class _TestRunOpts(ctypes.Structure):
 
 
 class _CryptoParams(ctypes.Structure):
-    """The kernel's ``struct bpf_crypto_params``."""
+    """The kernel's ``struct bpf_crypto_params`` (must be 408 bytes)."""
 
     _fields_ = [
         ("type", ctypes.c_char * 14), ("reserved", ctypes.c_uint8 * 2),
         ("algo", ctypes.c_char * 128), ("key", ctypes.c_uint8 * 256),
         ("key_len", ctypes.c_uint32), ("authsize", ctypes.c_uint32),
     ]
+
+
+_vp, _cp, _i32, _u32 = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint32
+_LIBBPF_SIGNATURES: tuple[tuple[str, type | None, list[type]], ...] = (  # name, restype, argtypes
+    ("libbpf_set_print", _vp, [_vp]),
+    ("btf__load_vmlinux_btf", _vp, []), ("btf__free", None, [_vp]),
+    ("btf__find_by_name_kind", _i32, [_vp, _cp, _u32]), ("btf__type_by_id", _vp, [_vp, _u32]),
+    ("bpf_object__open_file", _vp, [_cp, _vp]), ("bpf_object__load", _i32, [_vp]),
+    ("bpf_object__close", None, [_vp]),
+    ("bpf_object__find_program_by_name", _vp, [_vp, _cp]), ("bpf_program__fd", _i32, [_vp]),
+    ("bpf_prog_test_run_opts", _i32, [_i32, ctypes.POINTER(_TestRunOpts)]),
+)
+# fmt: on
 
 
 _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
@@ -104,16 +118,7 @@ def _errname(code: int) -> str:
 
 def _load_libbpf() -> ctypes.CDLL:
     lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
-    vp, cp, i32, u32 = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint32
-    for name, res, args in (
-        ("libbpf_set_print", vp, [vp]),
-        ("btf__load_vmlinux_btf", vp, []), ("btf__free", None, [vp]),
-        ("btf__find_by_name_kind", i32, [vp, cp, u32]), ("btf__type_by_id", vp, [vp, u32]),
-        ("bpf_object__open_file", vp, [cp, vp]), ("bpf_object__load", i32, [vp]),
-        ("bpf_object__close", None, [vp]),
-        ("bpf_object__find_program_by_name", vp, [vp, cp]), ("bpf_program__fd", i32, [vp]),
-        ("bpf_prog_test_run_opts", i32, [i32, ctypes.POINTER(_TestRunOpts)]),
-    ):
+    for name, res, args in _LIBBPF_SIGNATURES:
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
     return lib
@@ -140,23 +145,18 @@ def _libbpf_log(lib: ctypes.CDLL, sink: list[str]) -> Iterator[None]:
         lib.libbpf_set_print(old)
 
 
-def _btf_check(lib: ctypes.CDLL, notes: list[str]) -> bool:
-    """True if both kfuncs are in vmlinux BTF and bpf_crypto_params has our layout."""
+def _btf_facts(lib: ctypes.CDLL) -> tuple[bool, int]:
+    """(both kfuncs are in vmlinux BTF, sizeof(struct bpf_crypto_params) there or -1)."""
     btf = lib.btf__load_vmlinux_btf()
     if not btf:
-        notes.append(f"cannot load vmlinux BTF: {_errname(ctypes.get_errno())}")
-        return False
+        raise RuntimeError(f"cannot load vmlinux BTF: {_errname(ctypes.get_errno())}")
     try:
-        missing = [k for k in _KFUNCS if lib.btf__find_by_name_kind(btf, k.encode(), _BTF_KIND_FUNC) < 0]
-        if missing:
-            notes.append(f"kfuncs missing from vmlinux BTF: {', '.join(missing)}")
-            return False
+        funcs = [lib.btf__find_by_name_kind(btf, k.encode(), _BTF_KIND_FUNC) for k in _KFUNCS]
         sid = lib.btf__find_by_name_kind(btf, b"bpf_crypto_params", _BTF_KIND_STRUCT)
-        size = ctypes.cast(lib.btf__type_by_id(btf, sid), ctypes.POINTER(ctypes.c_uint32))[2] if sid > 0 else -1
-        if size != _PARAMS_SIZE:
-            notes.append(f"struct bpf_crypto_params is {size} bytes in BTF, probe expects {_PARAMS_SIZE}")
-            return False
-        return True
+        if sid <= 0:
+            return all(f > 0 for f in funcs), -1
+        btf_type = ctypes.cast(lib.btf__type_by_id(btf, sid), ctypes.POINTER(ctypes.c_uint32))
+        return all(f > 0 for f in funcs), btf_type[2]  # {name_off, info, size}
     finally:
         lib.btf__free(btf)
 
@@ -172,8 +172,8 @@ def _compile(tmp: Path, release: str, cache_dir: Path | None, notes: list[str]) 
     if not clang:
         raise RuntimeError("clang not found on PATH")
     obj = tmp / "probe_crypto.bpf.o"
-    proc = subprocess.run([clang, "-O2", "-g", "-target", "bpf", "-c", str(PROBE_SRC), "-o", str(obj)],
-                          capture_output=True, text=True, timeout=60, check=False)
+    argv = [clang, "-O2", "-g", "-target", "bpf", "-c", str(PROBE_SRC), "-o", str(obj)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"clang failed: {proc.stderr.strip()[-500:]}")
     if cached:
@@ -187,7 +187,9 @@ def _compile(tmp: Path, release: str, cache_dir: Path | None, notes: list[str]) 
     return obj
 
 
-def _run_candidates(lib: ctypes.CDLL, obj_path: Path, log: list[str]) -> list[tuple[Candidate, int]]:
+def _run_candidates(
+    lib: ctypes.CDLL, obj_path: Path, log: list[str]
+) -> list[tuple[Candidate, int]]:
     """Load the probe and return (candidate, errno) pairs; errno 0 means accepted."""
     obj = lib.bpf_object__open_file(str(obj_path).encode(), None)
     if not obj:
@@ -195,15 +197,17 @@ def _run_candidates(lib: ctypes.CDLL, obj_path: Path, log: list[str]) -> list[tu
     try:
         err = lib.bpf_object__load(obj)
         if err:
-            raise RuntimeError(f"bpf_object__load: {_errname(-err)}; libbpf: {' | '.join(log[-6:])}")
+            raise RuntimeError(f"bpf_object__load: {_errname(-err)}: {' | '.join(log[-6:])}")
         prog_fd = lib.bpf_program__fd(lib.bpf_object__find_program_by_name(obj, b"probe_crypto"))
         results = []
         for cand in CANDIDATES:
-            params = _CryptoParams(type=cand.type.encode(), algo=cand.algo.encode(),
-                                   key_len=cand.key_len, authsize=cand.authsize)
+            params = _CryptoParams(type=cand.type.encode(), algo=cand.algo.encode())
+            params.key_len, params.authsize = cand.key_len, cand.authsize
             params.key[: cand.key_len] = [(i * 37 + 11) & 0xFF for i in range(cand.key_len)]
-            opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), ctx_size_in=ctypes.sizeof(params),
-                                ctx_in=ctypes.cast(ctypes.pointer(params), ctypes.c_void_p))
+            ctx_in = ctypes.cast(ctypes.pointer(params), ctypes.c_void_p)
+            opts = _TestRunOpts(
+                sz=ctypes.sizeof(_TestRunOpts), ctx_in=ctx_in, ctx_size_in=_PARAMS_SIZE
+            )
             rc = lib.bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts))
             if rc:
                 raise RuntimeError(f"BPF_PROG_TEST_RUN for {cand.label}: {_errname(-rc)}")
@@ -238,22 +242,27 @@ def probe_kernel(cache_dir: Path | str | None = None) -> KernelProbeResult:
         lib = _load_libbpf()
         log: list[str] = []
         with _libbpf_log(lib, log):
-            kfuncs = _btf_check(lib, notes)
-            if kfuncs:
+            kfuncs, params_size = _btf_facts(lib)
+            if not kfuncs:
+                notes.append(f"{' / '.join(_KFUNCS)} not both in vmlinux BTF")
+            elif params_size != _PARAMS_SIZE:
+                notes.append(f"bpf_crypto_params is {params_size} B in BTF, not {_PARAMS_SIZE}")
+            else:
                 with tempfile.TemporaryDirectory(prefix="vpnr-probe-") as tmp:
-                    obj = _compile(Path(tmp), release, Path(cache_dir) if cache_dir else None, notes)
+                    cache = Path(cache_dir) if cache_dir else None
+                    obj = _compile(Path(tmp), release, cache, notes)
                     for cand, code in _run_candidates(lib, obj, log):
                         if code == 0:
                             accepted.append(cand.label)
                         else:
                             refused.append(f"{cand.label}: {_errname(code)}")
-    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError, ValueError) as exc:
-        notes.append(f"kfunc probe failed: {exc}")
+    except Exception as exc:  # noqa: BLE001 - runs at daemon start: any failure becomes a note
+        notes.append(f"kfunc probe failed: {type(exc).__name__}: {exc}")
     if not accepted and not refused:
         method = "none: kfunc could not be called; no cipher is claimed as accepted"
         refused = [f"{c.label}: UNKNOWN (not probed)" for c in CANDIDATES]
     elif any(r.startswith("aead/") and r.endswith(": ENOENT") for r in refused):
-        notes.append("no 'aead' bpf_crypto type is registered (ENOENT); only 'skcipher' (lskcipher) exists")
+        notes.append("no 'aead' bpf_crypto type registered (ENOENT); only 'skcipher' exists")
     return KernelProbeResult(af_xdp, kfuncs, accepted, refused, method, release, notes)
 
 
@@ -267,5 +276,5 @@ def choose_datapath(result: KernelProbeResult) -> tuple[str, str]:
     if any(_is_chacha_aead(c) for c in result.ciphers_accepted):
         return "kernel-aead", "kernel bpf_crypto accepted AEAD chacha20-poly1305"
     if result.af_xdp:
-        return "afxdp-userspace-aead", "no ChaCha20-Poly1305 AEAD in bpf_crypto; AF_XDP available for userspace AEAD"
+        return "afxdp-userspace-aead", "no kernel ChaCha20-Poly1305 AEAD; AF_XDP is available"
     return "udp-socket", "no kernel ChaCha20-Poly1305 AEAD and no AF_XDP; plain UDP sockets"

@@ -1,0 +1,319 @@
+"""policyd's XDP data path: compile, pin, attach through BPF links, and adopt on restart.
+
+Objects on bpffs under ``<bpffs_dir>/<instance>/``:
+- ``xdp_rbac_prog``: the running program (its settings map carries the build id);
+- ``link_xdp_<ifname>``: one BPF link per interface; the link keeps the program attached
+  while policyd is down, and ``BPF_LINK_UPDATE`` swaps programs atomically on upgrade;
+- ``xdp_stats`` and later policy maps: pinned by the program itself (``BPF_TABLE_PINNED``).
+
+A restarted policyd whose build id matches the pinned program adopts it without compiling:
+nothing is detached or reloaded, so packets never see a gap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+
+from vpnr.core import bpfsys
+from vpnr.core.config import InterfaceConfig
+
+log = logging.getLogger("vpnr.policyd.datapath")
+
+BPF_DIR = Path(os.environ.get("VPNR_BPF_DIR", Path(__file__).resolve().parents[2] / "bpf"))
+ENTRY_FILE = "xdp_rbac.c"
+ENTRY_FUNCTION = "xdp_rbac"
+PROG_PIN = "xdp_rbac_prog"
+STATS_PIN = "xdp_stats"
+LINK_PIN_PREFIX = "link_xdp_"
+SETTINGS_MAP = "vpnr_settings"
+
+# struct vpnr_stats_key / vpnr_counter / vpnr_settings in bpf/lib/maps.h
+STATS_KEY = struct.Struct("=IBBBB")
+COUNTER = struct.Struct("=QQ")
+SETTINGS = struct.Struct("=32sQII")
+BPF_MAP_TYPE_PERCPU_HASH = 5
+STATS_MAX_ENTRIES = 4096
+
+
+class DatapathError(Exception):
+    """The XDP program cannot be built, attached or adopted; says what to fix."""
+
+
+@dataclass(frozen=True)
+class Counter:
+    """One row of the verdict counters, summed over CPUs."""
+
+    ifindex: int
+    verdict: int
+    reason: int
+    ip_version: int
+    ip_protocol: int
+    packets: int
+    bytes: int
+
+
+@dataclass
+class AttachedInterface:
+    """An interface with the program attached through a pinned link."""
+
+    config: InterfaceConfig
+    ifindex: int
+    link_id: int
+    mode: str = ""
+
+
+@dataclass
+class XdpDatapath:
+    """The pinned program, its links and its maps for one router instance."""
+
+    pin_dir: Path
+    interfaces: tuple[InterfaceConfig, ...]
+    build_id: bytes = b""
+    prog_fd: int = -1
+    stats_fd: int = -1
+    adopted: bool = False
+    attached: dict[str, AttachedInterface] = field(default_factory=dict)
+    _bcc: Any = None
+
+    # -- build identity -------------------------------------------------------------------
+
+    def cflags(self) -> list[str]:
+        """Compiler flags; part of the build id."""
+        return [f'-DVPNR_PIN_DIR="{self.pin_dir}"', f"-I{BPF_DIR}"]
+
+    def compute_build_id(self) -> bytes:
+        """SHA-256 over the BPF sources, the flags and the kernel release."""
+        digest = hashlib.sha256()
+        for path in sorted([BPF_DIR / ENTRY_FILE, *(BPF_DIR / "lib").glob("*.h")]):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        digest.update("\0".join(self.cflags()).encode())
+        digest.update(os.uname().release.encode())
+        return digest.digest()
+
+    # -- start-up -------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Adopt or build the program, then make every configured interface run it."""
+        if not Path("/sys/fs/bpf").is_mount():
+            raise DatapathError("bpffs is not mounted at /sys/fs/bpf "
+                                "(mount -t bpf bpf /sys/fs/bpf; deploy/setup-host.sh does it)")
+        self.pin_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.build_id = self.compute_build_id()
+        pinned = self._open_pinned_program()
+        if pinned is not None and self._program_build_id(pinned) == self.build_id:
+            self.prog_fd, self.adopted = pinned, True
+            log.info("adopted pinned program", extra={"prog_id": self.prog_info().id})
+        else:
+            if pinned is not None:
+                os.close(pinned)
+            self.prog_fd = self._build()
+        with IPRoute() as ipr:
+            for iface in self.interfaces:
+                self._ensure_link(ipr, iface)
+            self._detach_unconfigured()
+        if not self.adopted:
+            self._replace_pin(self.pin_dir / PROG_PIN, self.prog_fd)
+        self.stats_fd = bpfsys.obj_get(str(self.pin_dir / STATS_PIN))
+
+    def _open_pinned_program(self) -> int | None:
+        path = self.pin_dir / PROG_PIN
+        if not path.exists():
+            return None
+        try:
+            return bpfsys.obj_get(str(path))
+        except bpfsys.BpfError as exc:
+            log.warning("pinned program unusable; rebuilding", extra={"reason": str(exc)})
+            return None
+
+    def _settings_map_fd(self, prog_fd: int) -> int | None:
+        for map_id in bpfsys.prog_info(prog_fd).map_ids:
+            fd = bpfsys.fd_by_id("map", map_id)
+            if bpfsys.map_info(fd).name == SETTINGS_MAP:
+                return fd
+            os.close(fd)
+        return None
+
+    def _program_build_id(self, prog_fd: int) -> bytes:
+        fd = self._settings_map_fd(prog_fd)
+        if fd is None:
+            return b""
+        try:
+            raw = bpfsys.map_lookup(fd, struct.pack("=I", 0), SETTINGS.size)
+        finally:
+            os.close(fd)
+        return SETTINGS.unpack(raw)[0] if raw else b""
+
+    def _check_pinned_maps(self) -> None:
+        """bcc reuses a pinned map without checking it: refuse one of the wrong shape."""
+        path = self.pin_dir / STATS_PIN
+        if not path.exists():
+            return
+        fd = bpfsys.obj_get(str(path))
+        try:
+            info = bpfsys.map_info(fd)
+        finally:
+            os.close(fd)
+        expected = (BPF_MAP_TYPE_PERCPU_HASH, STATS_KEY.size, COUNTER.size, STATS_MAX_ENTRIES)
+        if (info.map_type, info.key_size, info.value_size, info.max_entries) != expected:
+            log.warning("pinned stats map has another layout; replacing it (counters restart)",
+                        extra={"found": [info.map_type, info.key_size, info.value_size,
+                                         info.max_entries]})
+            path.unlink()
+
+    def _build(self) -> int:
+        """Compile with bcc and load; returns a program fd owned by this object."""
+        from bcc import BPF  # imported late: adopting needs no compiler
+
+        self._check_pinned_maps()
+        try:
+            self._bcc = BPF(src_file=str(BPF_DIR / ENTRY_FILE), cflags=self.cflags())
+            function = self._bcc.load_func(ENTRY_FUNCTION, BPF.XDP)
+        except Exception as exc:  # bcc raises bare Exception for compile and verifier errors
+            raise DatapathError(f"cannot build {BPF_DIR / ENTRY_FILE}: {exc}") from exc
+        prog_fd = os.dup(function.fd)
+        settings_fd = self._settings_map_fd(prog_fd)
+        if settings_fd is None:
+            raise DatapathError("built program has no settings map")
+        try:
+            bpfsys.map_update(settings_fd, struct.pack("=I", 0),
+                              SETTINGS.pack(self.build_id, 0, 0, 0))
+        finally:
+            os.close(settings_fd)
+        log.info("built program", extra={"prog_id": bpfsys.prog_info(prog_fd).id})
+        return prog_fd
+
+    def _ensure_link(self, ipr: IPRoute, iface: InterfaceConfig) -> None:
+        found = ipr.link_lookup(ifname=iface.name)
+        if not found:
+            raise DatapathError(f"interface {iface.name!r} does not exist in this network "
+                                "namespace (policyd.interfaces)")
+        ifindex = int(found[0])
+        link_pin = self.pin_dir / f"{LINK_PIN_PREFIX}{iface.name}"
+        link_fd = None
+        if link_pin.exists():
+            link_fd = bpfsys.obj_get(str(link_pin))
+            info = bpfsys.link_info(link_fd)
+            if info.ifindex != ifindex:
+                log.warning("pinned link is defunct or names another device; relinking",
+                            extra={"interface": iface.name, "link_ifindex": info.ifindex})
+                os.close(link_fd)
+                link_pin.unlink()
+                link_fd = None
+        try:
+            if link_fd is None:
+                link_fd = self._create_link(iface, ifindex)
+                bpfsys.obj_pin(link_fd, str(link_pin))
+            else:
+                self._swap_program(link_fd, iface)
+            info = bpfsys.link_info(link_fd)
+            self.attached[iface.name] = AttachedInterface(iface, ifindex, info.id,
+                                                          attach_mode(ipr, ifindex))
+        finally:
+            if link_fd is not None:
+                os.close(link_fd)
+
+    def _create_link(self, iface: InterfaceConfig, ifindex: int) -> int:
+        flags = bpfsys.XDP_FLAGS_DRV_MODE if iface.xdp_mode == "native" \
+            else bpfsys.XDP_FLAGS_SKB_MODE
+        try:
+            return bpfsys.link_create_xdp(self.prog_fd, ifindex, flags)
+        except bpfsys.BpfError as exc:
+            if exc.errno in (errno.EBUSY, errno.EEXIST):
+                raise DatapathError(
+                    f"interface {iface.name!r} already runs an XDP program not attached by "
+                    f"vpnr; detach it first (ip link set {iface.name} xdp off)") from exc
+            raise DatapathError(f"cannot attach XDP ({iface.xdp_mode}) to {iface.name!r}: "
+                                f"{exc.strerror}") from exc
+
+    def _swap_program(self, link_fd: int, iface: InterfaceConfig) -> None:
+        """Compare-and-swap: replace what the link runs now by our program, atomically."""
+        running_id = bpfsys.link_info(link_fd).prog_id
+        if running_id == bpfsys.prog_info(self.prog_fd).id:
+            return
+        old_fd = bpfsys.fd_by_id("prog", running_id)
+        try:
+            bpfsys.link_update(link_fd, self.prog_fd, old_fd)
+        finally:
+            os.close(old_fd)
+        log.info("replaced program atomically", extra={"interface": iface.name,
+                                                       "old_prog_id": running_id})
+
+    def _detach_unconfigured(self) -> None:
+        """Unpinning the last reference to a link detaches it from its interface."""
+        wanted = {f"{LINK_PIN_PREFIX}{i.name}" for i in self.interfaces}
+        for pin in self.pin_dir.glob(f"{LINK_PIN_PREFIX}*"):
+            if pin.name not in wanted:
+                log.info("detaching interface no longer configured",
+                         extra={"interface": pin.name.removeprefix(LINK_PIN_PREFIX)})
+                pin.unlink()
+
+    @staticmethod
+    def _replace_pin(path: Path, fd: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        bpfsys.obj_pin(fd, str(path))
+
+    # -- reading --------------------------------------------------------------------------
+
+    def prog_info(self) -> bpfsys.ProgInfo:
+        """Info of the program this policyd runs."""
+        return bpfsys.prog_info(self.prog_fd)
+
+    def counters(self) -> list[Counter]:
+        """Every verdict counter row, summed over CPUs."""
+        rows = []
+        for key in list(bpfsys.map_keys(self.stats_fd, STATS_KEY.size, STATS_MAX_ENTRIES)):
+            values = bpfsys.percpu_lookup(self.stats_fd, key, COUNTER.size)
+            if values is None:
+                continue  # removed between listing and reading
+            packets = sum(COUNTER.unpack(v)[0] for v in values)
+            nbytes = sum(COUNTER.unpack(v)[1] for v in values)
+            rows.append(Counter(*STATS_KEY.unpack(key), packets=packets, bytes=nbytes))
+        return rows
+
+    def stats_fill(self) -> int:
+        """Number of rows in the counters map."""
+        return sum(1 for _ in bpfsys.map_keys(self.stats_fd, STATS_KEY.size, STATS_MAX_ENTRIES))
+
+    def close(self) -> None:
+        """Close our fds; pinned objects and attachments stay."""
+        for fd in (self.prog_fd, self.stats_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.prog_fd = self.stats_fd = -1
+        if self._bcc is not None:
+            self._bcc.cleanup()
+            self._bcc = None
+
+
+def attach_mode(ipr: IPRoute, ifindex: int) -> str:
+    """"native" or "generic" from the kernel's IFLA_XDP_ATTACHED, "" when not attached."""
+    links: Iterable[Any] = ipr.get_links(ifindex)
+    for link in links:
+        xdp = link.get_attr("IFLA_XDP")
+        if xdp is None:
+            return ""
+        attached = xdp.get_attr("IFLA_XDP_ATTACHED")
+        return {1: "native", 2: "generic", 3: "offload", 4: "multi"}.get(attached, "")
+    return ""
+
+
+def attached_prog_id(ifindex: int) -> int:
+    """The XDP program id the kernel reports for an interface (0 if none)."""
+    with IPRoute() as ipr:
+        for link in ipr.get_links(ifindex):
+            xdp = link.get_attr("IFLA_XDP")
+            if xdp is not None:
+                return int(xdp.get_attr("IFLA_XDP_PROG_ID") or 0)
+    return 0
