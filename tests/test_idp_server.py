@@ -338,7 +338,8 @@ def test_authorization_code_with_pkce(idp: RunningIdp, oidc: dict[str, Any]) -> 
         "client_id": PUBLIC_CLIENT_ID,
         "response_type": "code",
         "redirect_uri": REDIRECT_URI,
-        "scope": "openid groups",
+        "scope": "openid groups offline_access",
+        "prompt": "consent",  # OIDC: offline_access is only honoured with prompt=consent
         "state": state,
         "code_challenge": challenge,
         "code_challenge_method": "S256",
@@ -380,6 +381,19 @@ def test_authorization_code_with_pkce(idp: RunningIdp, oidc: dict[str, Any]) -> 
     tokens = r.json()
     assert _verify_rs256(tokens["id_token"], oidc["jwks_uri"])["sub"] == "u-bob"
     assert _userinfo(oidc, tokens["access_token"]).json()["groups"] == ["sales"]
+    assert tokens["refresh_token"]
+    # Public clients get their refresh token rotated.
+    r = httpx.post(
+        oidc["token_endpoint"],
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": tokens["refresh_token"],
+            "client_id": PUBLIC_CLIENT_ID,
+        },
+        timeout=10.0,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["refresh_token"] != tokens["refresh_token"]
 
 
 def test_admin_api_requires_token(idp: RunningIdp) -> None:

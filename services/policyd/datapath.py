@@ -305,7 +305,10 @@ def attach_mode(ipr: IPRoute, ifindex: int) -> str:
         if xdp is None:
             return ""
         attached = xdp.get_attr("IFLA_XDP_ATTACHED")
-        return {1: "native", 2: "generic", 3: "offload", 4: "multi"}.get(attached, "")
+        # pyroute2 decodes XDP_ATTACHED_* to names ("xdp" is the driver, i.e. native, mode)
+        return {1: "native", 2: "generic", 3: "offload", 4: "multi", "xdp": "native",
+                "xdpgeneric": "generic", "xdpoffload": "offload", "multi": "multi",
+                "none": ""}.get(attached, str(attached))
     return ""
 
 

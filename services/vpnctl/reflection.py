@@ -70,7 +70,7 @@ class RpcFailure(VpnctlError):
 
     def __init__(self, code: str, details: str) -> None:
         self.code, self.details = code, details
-        super().__init__(f"{code}: {details}")
+        super().__init__(f"{code}: {details}" if details else code)
 
 
 def rpc_failure(exc: Any) -> RpcFailure:

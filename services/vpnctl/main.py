@@ -1,0 +1,444 @@
+"""vpnctl: grpcurl-style admin client for the vpnr daemons on their Unix sockets.
+
+``list``, ``describe`` and ``call`` work from server reflection only; ``status`` and
+``health`` are friendly verbs over the four daemons of one router instance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc  # type: ignore[import-untyped, unused-ignore]  # grpcio ships no type stubs
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .output import FORMATS, columns, render, render_stream_item
+from .reflection import (
+    DAEMONS,
+    EXIT_USAGE,
+    SERVICE_DAEMONS,
+    ConnectError,
+    DaemonClient,
+    UsageError,
+    VpnctlError,
+    build_request,
+    daemons_for,
+    proto_text,
+    rpc_failure,
+    socket_path,
+    symbol_kind,
+    symbol_proto,
+    to_dict,
+)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130
+DEFAULT_TIMEOUT = 5.0
+DAEMON_SERVICES = {daemon: service for service, daemon in SERVICE_DAEMONS.items()}
+
+EPILOG = """\
+exit codes:
+  0    success (status, health: every daemon up and serving)
+  1    the server answered with an error (shown as "error: CODE: message"),
+       or a daemon is down or unreachable (the message names the socket and why)
+  2    usage error: bad arguments, unknown or ambiguous symbol, request JSON that
+       is invalid or does not fit the request message
+  130  interrupted
+
+environment: VPNR_INSTANCE and VPNR_RUN_DIR set the defaults of --instance and --run-dir.
+
+examples:
+  vpnctl list                                    # services of the four daemons of instance "a"
+  vpnctl list AuditService                       # methods of one service
+  vpnctl describe vpnr.v1.AuditService.Record    # a service, method or message as .proto
+  vpnctl describe RecordRequest
+  vpnctl call AuditService/Record -d '{"event": {"daemon": "ops", "action": "note.add"}}'
+  vpnctl call vpnr.v1.PolicyService/ListRoles -d @query.json -o yaml
+  echo '{}' | vpnctl call IdpService/Status -d -
+  vpnctl call grpc.health.v1.Health/Check --daemon auditd
+  vpnctl call AuditService/Follow --timeout 0    # stream until interrupted
+  vpnctl --instance b status -o json
+  vpnctl health tunneld
+"""
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _common_options(with_defaults: bool) -> argparse.ArgumentParser:
+    """Options accepted before and after the command (only the top level sets defaults)."""
+
+    def default(value: Any) -> Any:
+        return value if with_defaults else argparse.SUPPRESS
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--instance", metavar="NAME",
+                        default=default(os.environ.get("VPNR_INSTANCE", "a")),
+                        help="router instance (default: $VPNR_INSTANCE or 'a')")
+    parser.add_argument("--run-dir", metavar="DIR",
+                        default=default(os.environ.get("VPNR_RUN_DIR", "/run/vpnr")),
+                        help="parent of the instance socket directory "
+                             "(default: $VPNR_RUN_DIR or /run/vpnr)")
+    parser.add_argument("-o", "--output", choices=FORMATS, default=default("table"),
+                        help="output format (default: table)")
+    parser.add_argument("--timeout", type=_seconds, metavar="SECONDS", default=default(None),
+                        help=f"deadline of each call (default {DEFAULT_TIMEOUT:g}; "
+                             "server-streaming calls have none unless given; 0: none)")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse vpnctl's command line; exits 2 (argparse) on usage errors."""
+    common = _common_options(with_defaults=False)
+    parser = argparse.ArgumentParser(
+        prog="vpnctl", parents=[_common_options(with_defaults=True)],
+        description="Admin client for the vpnr daemons (policyd, tunneld, auditd, idpd), "
+                    "grpcurl-style: list, describe and call work from server reflection.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[common], help=help_text,
+                                   description=help_text, epilog=EPILOG,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def daemon_option(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--daemon", choices=DAEMONS,
+                         help="daemon to ask (default: the one serving the service)")
+
+    listing = command("list", "list the services of every daemon, or one service's methods")
+    listing.add_argument("service", nargs="?", metavar="SERVICE",
+                         help="full or short service name, e.g. PolicyService")
+    daemon_option(listing)
+    describe = command("describe", "show a service, method, message or enum in .proto syntax")
+    describe.add_argument("symbol", metavar="SYMBOL",
+                          help="full or short name, e.g. vpnr.v1.AuditService.Record")
+    daemon_option(describe)
+    call = command("call", "call a unary or server-streaming method with a JSON request")
+    call.add_argument("method", metavar="SERVICE/METHOD",
+                      help="e.g. vpnr.v1.AuditService/Record or AuditService/Record")
+    call.add_argument("-d", "--data", default="{}", metavar="JSON",
+                      help="request as JSON, @FILE to read a file, - to read stdin "
+                           "(default: {})")
+    call.add_argument("--emit-defaults", action="store_true",
+                      help="also print fields that hold their default value")
+    daemon_option(call)
+    command("status", "up/down, version, uptime and key facts of the four daemons")
+    health = command("health", "grpc.health.v1 Check of one or all daemons")
+    health.add_argument("daemon", nargs="?", choices=DAEMONS, metavar="DAEMON",
+                        help="one of " + ", ".join(DAEMONS) + " (default: all)")
+    health.add_argument("--service", default="",
+                        help="service whose health to check (default: the whole server)")
+    return parser.parse_args(argv)
+
+
+def call_timeout(args: argparse.Namespace, streaming: bool) -> float | None:
+    """The deadline of one call: --timeout, else the default (none for streams)."""
+    if args.timeout is None:
+        return None if streaming else DEFAULT_TIMEOUT
+    return float(args.timeout) or None
+
+
+def open_client(args: argparse.Namespace, daemon: str) -> DaemonClient:
+    """A reflection client on one daemon's socket (ConnectError when unusable)."""
+    path = socket_path(args.run_dir, args.instance, daemon)
+    return DaemonClient(daemon, path, args.timeout or DEFAULT_TIMEOUT)
+
+
+def emit(text: str) -> None:
+    """Write one rendered document to stdout now (streams print as they arrive)."""
+    print(text, flush=True)
+
+
+def locate(args: argparse.Namespace, symbol: str) -> tuple[DaemonClient, str]:
+    """An open client on a daemon that knows ``symbol``, and the symbol's full name."""
+    candidates = [args.daemon] if args.daemon else daemons_for(symbol)
+    down: list[ConnectError] = []
+    clients: list[DaemonClient] = []
+    found: dict[str, DaemonClient] = {}
+    try:
+        for daemon in candidates:
+            try:
+                client = open_client(args, daemon)
+            except ConnectError as exc:
+                down.append(exc)
+                continue
+            clients.append(client)
+            for name in client.matches(symbol):
+                found.setdefault(name, client)
+    except BaseException:
+        for client in clients:
+            client.close()
+        raise
+    chosen = next(iter(found.values())) if len(found) == 1 else None
+    for client in clients:
+        if client is not chosen:
+            client.close()
+    if chosen is not None:
+        return chosen, next(iter(found))
+    if found:
+        raise UsageError(f"ambiguous symbol {symbol!r}: " + ", ".join(sorted(found)))
+    if not clients:
+        if len(down) == 1:
+            raise down[0]
+        raise VpnctlError("no daemon is reachable: " + "; ".join(str(exc) for exc in down))
+    asked = ", ".join(client.daemon for client in clients)
+    raise UsageError(f"unknown symbol {symbol!r} (asked {asked})")
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Services of every daemon, or the methods of one service."""
+    if args.service:
+        client, full = locate(args, args.service)
+        with client:
+            symbol = client.index()[full]
+            if symbol_kind(symbol) != "service":
+                raise UsageError(f"{full} is a {symbol_kind(symbol)}, not a service")
+            service = client.service(full)
+            methods = [{"method": m.full_name, "request": m.input_type.full_name,
+                        "response": m.output_type.full_name,
+                        "streaming": "server" if m.server_streaming else ""}
+                       for m in service.methods]
+        emit(render({"service": full, "daemon": client.daemon, "methods": methods},
+                    args.output))
+        return EXIT_OK
+    listing: dict[str, dict[str, Any]] = {}
+    for daemon in DAEMONS:
+        path = socket_path(args.run_dir, args.instance, daemon)
+        try:
+            with open_client(args, daemon) as client:
+                listing[daemon] = {"state": "up", "socket": str(path),
+                                   "services": client.services()}
+        except VpnctlError as exc:
+            reason = exc.reason if isinstance(exc, ConnectError) else str(exc)
+            listing[daemon] = {"state": "down", "socket": str(path), "reason": reason}
+    if args.output == "table":
+        lines: list[str] = []
+        for daemon, entry in listing.items():
+            if entry["state"] == "up":
+                lines.append(f"{daemon} (up, {entry['socket']})")
+                lines.extend(f"  {name}" for name in entry["services"])
+            else:
+                lines.append(f"{daemon} (down: {entry['reason']}, {entry['socket']})")
+        emit("\n".join(lines))
+    else:
+        emit(render(listing, args.output))
+    up = any(entry["state"] == "up" for entry in listing.values())
+    return EXIT_OK if up else EXIT_FAILURE
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    """A symbol in .proto syntax (table) or as its descriptor proto (json/yaml)."""
+    client, full = locate(args, args.symbol)
+    with client:
+        symbol = client.index()[full]
+        kind = symbol_kind(symbol)
+        if args.output == "table":
+            article = "an" if kind[0] in "aeiou" else "a"
+            emit(f"// {full} is {article} {kind} (from {client.daemon})\n{proto_text(symbol)}")
+        else:
+            emit(render({"symbol": full, "kind": kind, "daemon": client.daemon,
+                         "descriptor": to_dict(symbol_proto(symbol))}, args.output))
+    return EXIT_OK
+
+
+def read_request_text(data: str) -> str:
+    """The -d argument: inline JSON, @FILE or - for stdin."""
+    if data == "-":
+        return sys.stdin.read()
+    if data.startswith("@"):
+        try:
+            return Path(data[1:]).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot read request file {data[1:]}: "
+                             f"{exc.strerror or exc}") from exc
+    return str(data)
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    """Build the request from JSON via reflection, call, print each response."""
+    target = args.method.lstrip(".")
+    service, sep, method_name = target.partition("/") if "/" in target else \
+        target.rpartition(".")
+    if not sep or not service or not method_name:
+        raise UsageError(f"expected SERVICE/METHOD, got {args.method!r}")
+    daemon = args.daemon
+    if daemon is None:
+        candidates = daemons_for(service)
+        if len(candidates) != 1:
+            raise UsageError(f"{service} is not a vpnr service: name the daemon to ask with "
+                             f"--daemon ({', '.join(DAEMONS)})")
+        daemon = candidates[0]
+    text = read_request_text(args.data)
+    with open_client(args, daemon) as client:
+        method = client.method(service, method_name)
+        request = build_request(method.input_type, text)
+        timeout = call_timeout(args, method.server_streaming)
+        for count, reply in enumerate(client.invoke(method, request, timeout)):
+            data = to_dict(reply, args.emit_defaults)
+            if method.server_streaming:
+                emit(render_stream_item(data, args.output, first=count == 0))
+            else:
+                emit(render(data, args.output))
+    return EXIT_OK
+
+
+def _policyd_facts(status: dict[str, Any]) -> dict[str, Any]:
+    return {"policy_version": int(status.get("policy_version", 0)),
+            "interfaces": [{key: interface.get(key) for key in
+                            ("name", "program_id", "attach_mode", "attached")}
+                           for interface in status.get("interfaces", [])]}
+
+
+def _tunneld_facts(status: dict[str, Any]) -> dict[str, Any]:
+    return {key: status.get(key) for key in
+            ("datapath_mode", "public_key", "listen_port", "peers", "sessions")}
+
+
+def _auditd_facts(status: dict[str, Any]) -> dict[str, Any]:
+    return {"database": status.get("database"), "records": int(status.get("records", 0))}
+
+
+def _idpd_facts(status: dict[str, Any]) -> dict[str, Any]:
+    facts = {key: status.get(key) for key in ("issuer", "discovery_ok")}
+    if status.get("discovery_error"):
+        facts["discovery_error"] = status["discovery_error"]
+    return facts
+
+
+STATUS_FACTS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "policyd": _policyd_facts, "tunneld": _tunneld_facts,
+    "auditd": _auditd_facts, "idpd": _idpd_facts,
+}
+
+
+def daemon_status(args: argparse.Namespace, daemon: str) -> dict[str, Any]:
+    """One daemon's Status answer boiled down to up/down, version, uptime and key facts."""
+    path = socket_path(args.run_dir, args.instance, daemon)
+    try:
+        with open_client(args, daemon) as client:
+            method = client.method(DAEMON_SERVICES[daemon], "Status")
+            request = build_request(method.input_type, "{}")
+            reply = next(client.invoke(method, request, call_timeout(args, False)))
+    except ConnectError as exc:
+        return {"state": "down", "reason": exc.reason, "socket": str(path)}
+    except VpnctlError as exc:
+        return {"state": "down", "reason": f"Status failed: {exc}", "socket": str(path)}
+    status = to_dict(reply, emit_defaults=True)
+    info = status.get("daemon", {})
+    entry: dict[str, Any] = {
+        "state": "up", "version": info.get("version", ""), "pid": info.get("pid", 0),
+        "uptime_seconds": round(float(info.get("uptime_seconds", 0.0)), 3),
+        **STATUS_FACTS[daemon](status), "socket": str(path)}
+    warnings = [f"{w.get('code', '')}: {w.get('message', '')}"
+                for w in status.get("warnings", [])]
+    if warnings:
+        entry["warnings"] = warnings
+    return entry
+
+
+def human_duration(seconds: float) -> str:
+    """``3d04h``, ``1h02m``, ``5m07s``, ``42s``."""
+    whole = int(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _status_details(entry: dict[str, Any]) -> str:
+    if entry["state"] != "up":
+        return f"{entry['reason']} ({entry['socket']})"
+    parts: list[str] = []
+    for key, value in entry.items():
+        if key in ("state", "version", "pid", "uptime_seconds", "socket"):
+            continue
+        if key == "interfaces":
+            value = ", ".join(f"{i['name']}(prog {i['program_id']} {i['attach_mode'] or '-'}"
+                              f"{' attached' if i['attached'] else ' detached'})"
+                              for i in value) or "none"
+        elif key == "warnings":
+            value = len(value)
+        elif isinstance(value, bool):
+            value = str(value).lower()
+        parts.append(f"{key}={value if value not in ('', None) else '-'}")
+    return " ".join(parts)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """The four daemons of the instance; exit 1 when any is down."""
+    daemons = {daemon: daemon_status(args, daemon) for daemon in DAEMONS}
+    if args.output == "table":
+        rows = [{"daemon": daemon, "state": entry["state"],
+                 "version": entry.get("version", ""),
+                 "uptime": human_duration(entry["uptime_seconds"]) if "uptime_seconds"
+                 in entry else "", "details": _status_details(entry)}
+                for daemon, entry in daemons.items()]
+        emit("\n".join([f"instance {args.instance} ({args.run_dir})", *columns(rows)]))
+    else:
+        emit(render({"instance": args.instance, "run_dir": args.run_dir, "daemons": daemons},
+                    args.output))
+    return EXIT_OK if all(e["state"] == "up" for e in daemons.values()) else EXIT_FAILURE
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """grpc.health.v1 Check; exit 1 unless every asked daemon is SERVING."""
+    results: dict[str, dict[str, str]] = {}
+    for daemon in [args.daemon] if args.daemon else DAEMONS:
+        path = socket_path(args.run_dir, args.instance, daemon)
+        try:
+            with open_client(args, daemon) as client:
+                stub = health_pb2_grpc.HealthStub(client.channel)
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service),
+                                   timeout=call_timeout(args, False))
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            results[daemon] = {"status": str(status), "socket": str(path)}
+        except ConnectError as exc:
+            results[daemon] = {"status": "DOWN", "reason": exc.reason, "socket": str(path)}
+        except grpc.RpcError as exc:
+            failure = rpc_failure(exc)
+            results[daemon] = {"status": "ERROR", "reason": str(failure), "socket": str(path)}
+    if args.output == "table":
+        emit("\n".join(columns([{"daemon": daemon, **entry}
+                                for daemon, entry in results.items()])))
+    else:
+        emit(render(results, args.output))
+    serving = all(entry["status"] == "SERVING" for entry in results.values())
+    return EXIT_OK if serving else EXIT_FAILURE
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "list": cmd_list, "describe": cmd_describe, "call": cmd_call,
+    "status": cmd_status, "health": cmd_health,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit code (see --help)."""
+    try:
+        args = parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else (EXIT_USAGE if exc.code else EXIT_OK)
+    try:
+        return COMMANDS[args.command](args)
+    except VpnctlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
