@@ -16,7 +16,15 @@ from typing import Any
 import grpc  # type: ignore[import-untyped, unused-ignore]  # grpcio ships no type stubs
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .output import FORMATS, columns, render, render_stream_item
+from .output import (
+    FORMATS,
+    columns,
+    human_duration,
+    listing_text,
+    render,
+    render_stream_item,
+    status_details,
+)
 from .reflection import (
     DAEMONS,
     EXIT_USAGE,
@@ -168,6 +176,7 @@ def locate(args: argparse.Namespace, symbol: str) -> tuple[DaemonClient, str]:
     down: list[ConnectError] = []
     clients: list[DaemonClient] = []
     found: dict[str, DaemonClient] = {}
+    chosen: DaemonClient | None = None
     try:
         for daemon in candidates:
             try:
@@ -178,16 +187,13 @@ def locate(args: argparse.Namespace, symbol: str) -> tuple[DaemonClient, str]:
             clients.append(client)
             for name in client.matches(symbol):
                 found.setdefault(name, client)
-    except BaseException:
+        if len(found) == 1:
+            chosen = next(iter(found.values()))
+            return chosen, next(iter(found))
+    finally:
         for client in clients:
-            client.close()
-        raise
-    chosen = next(iter(found.values())) if len(found) == 1 else None
-    for client in clients:
-        if client is not chosen:
-            client.close()
-    if chosen is not None:
-        return chosen, next(iter(found))
+            if client is not chosen:
+                client.close()
     if found:
         raise UsageError(f"ambiguous symbol {symbol!r}: " + ", ".join(sorted(found)))
     if not clients:
@@ -224,17 +230,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         except VpnctlError as exc:
             reason = exc.reason if isinstance(exc, ConnectError) else str(exc)
             listing[daemon] = {"state": "down", "socket": str(path), "reason": reason}
-    if args.output == "table":
-        lines: list[str] = []
-        for daemon, entry in listing.items():
-            if entry["state"] == "up":
-                lines.append(f"{daemon} (up, {entry['socket']})")
-                lines.extend(f"  {name}" for name in entry["services"])
-            else:
-                lines.append(f"{daemon} (down: {entry['reason']}, {entry['socket']})")
-        emit("\n".join(lines))
-    else:
-        emit(render(listing, args.output))
+    emit(listing_text(listing) if args.output == "table" else render(listing, args.output))
     up = any(entry["state"] == "up" for entry in listing.values())
     return EXIT_OK if up else EXIT_FAILURE
 
@@ -349,38 +345,6 @@ def daemon_status(args: argparse.Namespace, daemon: str) -> dict[str, Any]:
     return entry
 
 
-def human_duration(seconds: float) -> str:
-    """``3d04h``, ``1h02m``, ``5m07s``, ``42s``."""
-    whole = int(seconds)
-    days, rest = divmod(whole, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d{hours:02d}h"
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
-def _status_details(entry: dict[str, Any]) -> str:
-    if entry["state"] != "up":
-        return f"{entry['reason']} ({entry['socket']})"
-    parts: list[str] = []
-    for key, value in entry.items():
-        if key in ("state", "version", "pid", "uptime_seconds", "socket"):
-            continue
-        if key == "interfaces":
-            value = ", ".join(f"{i['name']}(prog {i['program_id']} {i['attach_mode'] or '-'}"
-                              f"{' attached' if i['attached'] else ' detached'})"
-                              for i in value) or "none"
-        elif key == "warnings":
-            value = len(value)
-        elif isinstance(value, bool):
-            value = str(value).lower()
-        parts.append(f"{key}={value if value not in ('', None) else '-'}")
-    return " ".join(parts)
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     """The four daemons of the instance; exit 1 when any is down."""
     daemons = {daemon: daemon_status(args, daemon) for daemon in DAEMONS}
@@ -388,7 +352,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows = [{"daemon": daemon, "state": entry["state"],
                  "version": entry.get("version", ""),
                  "uptime": human_duration(entry["uptime_seconds"]) if "uptime_seconds"
-                 in entry else "", "details": _status_details(entry)}
+                 in entry else "", "details": status_details(entry)}
                 for daemon, entry in daemons.items()]
         emit("\n".join([f"instance {args.instance} ({args.run_dir})", *columns(rows)]))
     else:

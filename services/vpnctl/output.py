@@ -108,3 +108,49 @@ def _mapping_lines(data: dict[str, Any], indent: str) -> list[str]:
             lines.append(f"{indent}{key}:")
             lines.extend(table_lines(value, indent + INDENT))
     return lines
+
+
+def listing_text(listing: dict[str, dict[str, Any]]) -> str:
+    """``vpnctl list``: each daemon's state and socket, then its services indented."""
+    lines: list[str] = []
+    for daemon, entry in listing.items():
+        if entry["state"] == "up":
+            lines.append(f"{daemon} (up, {entry['socket']})")
+            lines.extend(f"  {name}" for name in entry["services"])
+        else:
+            lines.append(f"{daemon} (down: {entry['reason']}, {entry['socket']})")
+    return "\n".join(lines)
+
+
+def human_duration(seconds: float) -> str:
+    """``3d04h``, ``1h02m``, ``5m07s``, ``42s``."""
+    whole = int(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def status_details(entry: dict[str, Any]) -> str:
+    """The facts of one ``vpnctl status`` entry on one line (``key=value`` pairs)."""
+    if entry["state"] != "up":
+        return f"{entry['reason']} ({entry['socket']})"
+    parts: list[str] = []
+    for key, value in entry.items():
+        if key in ("state", "version", "pid", "uptime_seconds", "socket"):
+            continue
+        shown = value
+        if key == "interfaces":
+            shown = ", ".join(f"{i['name']}(prog {i['program_id']} {i['attach_mode'] or '-'}"
+                              f"{' attached' if i['attached'] else ' detached'})"
+                              for i in value) or "none"
+        elif key == "warnings":
+            shown = len(value)
+        elif isinstance(value, bool):
+            shown = str(value).lower()
+        parts.append(f"{key}={shown if shown not in ('', None) else '-'}")
+    return " ".join(parts)

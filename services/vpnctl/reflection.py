@@ -163,8 +163,11 @@ class DaemonClient:
 
     def service(self, name: str) -> ServiceDescriptor:
         """A service by full or short name."""
-        full = resolve(name, self.services(), "service")
-        found: ServiceDescriptor = self._reflect(lambda: self.pool.FindServiceByName(full))
+        return self._find_service(resolve(name, self.services(), "service"))
+
+    def _find_service(self, full_name: str) -> ServiceDescriptor:
+        found: ServiceDescriptor = self._reflect(
+            functools.partial(self.pool.FindServiceByName, full_name))
         return found
 
     def method(self, service: str, method: str) -> MethodDescriptor:
@@ -182,8 +185,7 @@ class DaemonClient:
         if self._index is None:
             files: dict[str, FileDescriptor] = {}
             for name in self.services():
-                svc = self._reflect(lambda name=name: self.pool.FindServiceByName(name))
-                _collect_files(svc.file, files)
+                _collect_files(self._find_service(name).file, files)
             self._index = {}
             for file in files.values():
                 _index_file(file, self._index)
@@ -308,17 +310,21 @@ def symbol_kind(symbol: Symbol) -> str:
 
 def symbol_proto(symbol: Symbol) -> Message:
     """The descriptor as its ``*DescriptorProto`` (what describe shows as JSON/YAML)."""
-    proto: Message
     if isinstance(symbol, ServiceDescriptor):
-        proto = descriptor_pb2.ServiceDescriptorProto()
-    elif isinstance(symbol, MethodDescriptor):
-        proto = descriptor_pb2.MethodDescriptorProto()
-    elif isinstance(symbol, EnumDescriptor):
-        proto = descriptor_pb2.EnumDescriptorProto()
-    else:
-        proto = descriptor_pb2.DescriptorProto()
-    symbol.CopyToProto(proto)
-    return proto
+        service = descriptor_pb2.ServiceDescriptorProto()
+        symbol.CopyToProto(service)
+        return service
+    if isinstance(symbol, MethodDescriptor):
+        method = descriptor_pb2.MethodDescriptorProto()
+        symbol.CopyToProto(method)
+        return method
+    if isinstance(symbol, EnumDescriptor):
+        enum = descriptor_pb2.EnumDescriptorProto()
+        symbol.CopyToProto(enum)
+        return enum
+    message = descriptor_pb2.DescriptorProto()
+    symbol.CopyToProto(message)
+    return message
 
 
 def _rpc_line(method: descriptor_pb2.MethodDescriptorProto) -> str:

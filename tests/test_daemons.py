@@ -1,0 +1,152 @@
+"""Each daemon starts in a temporary instance, serves health, reflection and Status, and
+stops cleanly on SIGTERM with its socket removed."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from conftest import BIN, DaemonProcess, router_toml
+from vpnr.core.client import is_serving, socket_target
+from vpnr.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    idp_pb2,
+    idp_pb2_grpc,
+    policy_pb2,
+    policy_pb2_grpc,
+    tunnel_pb2,
+    tunnel_pb2_grpc,
+)
+
+SERVICES: dict[str, tuple[str, Any, Any]] = {
+    "policyd": ("vpnr.v1.PolicyService", policy_pb2_grpc.PolicyServiceStub,
+                policy_pb2.PolicyStatusRequest),
+    "tunneld": ("vpnr.v1.TunnelService", tunnel_pb2_grpc.TunnelServiceStub,
+                tunnel_pb2.TunnelStatusRequest),
+    "auditd": ("vpnr.v1.AuditService", audit_pb2_grpc.AuditServiceStub,
+               audit_pb2.AuditStatusRequest),
+    "idpd": ("vpnr.v1.IdpService", idp_pb2_grpc.IdpServiceStub, idp_pb2.IdpStatusRequest),
+}
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("daemon", list(SERVICES))
+def test_daemon_lifecycle(daemon: str, tmp_path: Path, netns: str, instance: str) -> None:
+    config = tmp_path / "router.toml"
+    config.write_text(router_toml(instance, tmp_path, interface="lan0"))
+    proc = DaemonProcess(daemon, config, tmp_path / "run", instance, netns=netns).start()
+    service, stub_cls, request_cls = SERVICES[daemon]
+    try:
+        # Socket and directory modes: root and the admin group only.
+        assert stat.S_IMODE(proc.socket.stat().st_mode) == 0o660
+        assert stat.S_IMODE(proc.socket.parent.stat().st_mode) == 0o750
+        with grpc.insecure_channel(socket_target(proc.socket)) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for name in ("", service):
+                answer = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+                assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+            assert {service, "grpc.health.v1.Health"} <= services
+            status = stub_cls(channel).Status(request_cls(), timeout=10)
+        assert status.daemon.daemon == daemon
+        assert status.daemon.instance == instance
+        assert status.daemon.uptime_seconds > 0
+        assert status.daemon.socket_path == str(proc.socket)
+    finally:
+        code = proc.stop()
+    assert code == 0, proc.output()
+    assert not proc.socket.exists()
+    assert '"msg": "stopped"' in proc.output()
+
+
+@pytest.mark.root
+def test_policyd_status_reports_attached_program(tmp_path: Path, netns: str,
+                                                 instance: str) -> None:
+    config = tmp_path / "router.toml"
+    config.write_text(router_toml(instance, tmp_path, interface="lan0"))
+    proc = DaemonProcess("policyd", config, tmp_path / "run", instance, netns=netns).start()
+    try:
+        with grpc.insecure_channel(socket_target(proc.socket)) as channel:
+            status = policy_pb2_grpc.PolicyServiceStub(channel).Status(
+                policy_pb2.PolicyStatusRequest(), timeout=10)
+    finally:
+        assert proc.stop() == 0
+    (iface,) = status.interfaces
+    assert iface.name == "lan0" and iface.attached
+    assert iface.attach_mode == "native"
+    assert iface.program_id > 0 and iface.instructions > 0
+    assert not status.adopted  # first start builds
+    assert status.pin_dir == f"/sys/fs/bpf/vpnr/{instance}"
+    assert (Path(status.pin_dir) / "link_xdp_lan0").exists()
+
+
+@pytest.mark.root
+def test_tunneld_reports_probe_and_datapath(tmp_path: Path, netns: str, instance: str) -> None:
+    config = tmp_path / "router.toml"
+    config.write_text(router_toml(instance, tmp_path, interface="lan0"))
+    proc = DaemonProcess("tunneld", config, tmp_path / "run", instance, netns=netns).start()
+    try:
+        with grpc.insecure_channel(socket_target(proc.socket)) as channel:
+            status = tunnel_pb2_grpc.TunnelServiceStub(channel).Status(
+                tunnel_pb2.TunnelStatusRequest(), timeout=10)
+    finally:
+        assert proc.stop() == 0
+    assert status.probe.af_xdp
+    assert status.probe.bpf_crypto_kfuncs
+    # This kernel's kfuncs take plain skciphers only; ChaCha20-Poly1305 is refused.
+    assert any("aes" in c for c in status.probe.kfunc_ciphers_accepted)
+    assert any("chacha20,poly1305" in c for c in status.probe.kfunc_ciphers_refused)
+    assert status.datapath_mode == "afxdp-userspace-aead"
+    assert status.datapath_reason
+
+
+@pytest.mark.root
+def test_auditd_opens_store_and_records(tmp_path: Path, instance: str) -> None:
+    config = tmp_path / "router.toml"
+    config.write_text(router_toml(instance, tmp_path))
+    proc = DaemonProcess("auditd", config, tmp_path / "run", instance).start()
+    try:
+        with grpc.insecure_channel(socket_target(proc.socket)) as channel:
+            stub = audit_pb2_grpc.AuditServiceStub(channel)
+            before = stub.Status(audit_pb2.AuditStatusRequest(), timeout=5)
+            reply = stub.Record(audit_pb2.RecordRequest(event=audit_pb2.ControlEvent(
+                daemon="test", action="test.record", actor="uid:0", success=True,
+                detail_json='{"k": 1}')), timeout=5)
+            after = stub.Status(audit_pb2.AuditStatusRequest(), timeout=5)
+            with pytest.raises(grpc.RpcError) as bad:
+                stub.Record(audit_pb2.RecordRequest(event=audit_pb2.ControlEvent(
+                    daemon="test", action="x", detail_json="{oops")), timeout=5)
+    finally:
+        assert proc.stop() == 0
+    assert before.database == str(tmp_path / "state" / "audit.sqlite")
+    assert Path(before.database).exists()
+    assert before.schema_version == 1
+    assert reply.id > 0
+    assert after.records == before.records + 1
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "detail_json" in (bad.value.details() or "")
+
+
+@pytest.mark.root
+def test_second_instance_of_a_daemon_is_refused(tmp_path: Path, instance: str) -> None:
+    config = tmp_path / "router.toml"
+    config.write_text(router_toml(instance, tmp_path))
+    first = DaemonProcess("auditd", config, tmp_path / "run", instance).start()
+    try:
+        second = subprocess.run([str(BIN / "auditd"), "--config", str(config)],
+                                capture_output=True, text=True, timeout=30)
+        assert second.returncode == 1
+        assert "already serving" in second.stderr
+        assert first.socket.exists() and is_serving(first.socket)
+    finally:
+        assert first.stop() == 0
