@@ -38,7 +38,13 @@ def generate_stubs() -> None:
         if out.exists():
             shutil.rmtree(out)
         shutil.copytree(Path(tmp) / "vpnr" / "v1", out)
-    (out / "__init__.py").write_text('"""Generated from proto/vpnr/v1 by setup.py; do not edit."""\n')
+    marker = '"""Generated from proto/vpnr/v1 by setup.py; do not edit."""\n'
+    (out / "__init__.py").write_text(marker)
+    # mypy cannot follow the vpnr -> services mapping: give it a path named vpnr.
+    typing_link = ROOT / "build" / "typing" / "vpnr"
+    if not typing_link.is_symlink():
+        typing_link.parent.mkdir(parents=True, exist_ok=True)
+        typing_link.symlink_to(Path("..") / ".." / "services")
 
 
 class BuildWithStubs(build_py):

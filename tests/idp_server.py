@@ -192,7 +192,10 @@ def _wait_ready(
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise IdpError(f"IdP not ready within {READY_TIMEOUT_S}s; log:\n{_tail(log_path)}")
+            raise IdpError(
+                f"IdP not ready within {READY_TIMEOUT_S}s ({_proc_state(proc.pid)}); "
+                f"log:\n{_tail(log_path)}"
+            )
         try:
             raw = lines.get(timeout=min(left, 0.5))
         except queue.Empty:
@@ -208,6 +211,21 @@ def _wait_ready(
             msg = json.loads(raw)
             if isinstance(msg, dict) and msg.get("ready") is True:
                 return msg
+
+
+def _proc_state(pid: int) -> str:
+    """Linux scheduler state of ``pid``, for timeout messages."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return "process state unavailable"
+    fields = stat.rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (
+        f"state={fields[0]} wchan={wchan or '-'} "
+        f"cpu={(int(fields[11]) + int(fields[12])) / ticks:.2f}s"
+    )
 
 
 def _tail(path: Path, limit: int = 4000) -> str:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from vpnr.tunneld.probe import KernelProbeResult, choose_datapath, probe_kernel
 
 pytestmark = pytest.mark.root

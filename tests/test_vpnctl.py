@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 # mypy names this source tree "services", not "vpnr" (the editable install maps it at runtime).
-from vpnr.vpnctl.main import main, parse_args  # type: ignore[import-not-found, unused-ignore]
+from vpnr.vpnctl.main import main, parse_args
 
 # The daemons chown their socket directory to root:admin_group, so they must run as root.
 pytestmark = pytest.mark.root
@@ -293,7 +293,7 @@ def test_call_server_streaming_prints_each_message(
         router: Router, capsys: pytest.CaptureFixture[str]) -> None:
     # Watch sends the current status and then waits: the deadline ends the stream.
     code, out, err = vpnctl(router, capsys, "call", "grpc.health.v1.Health/Watch",
-                            "--daemon", "auditd", "--timeout", "1", "-o", "yaml")
+                            "--daemon", "auditd", "--timeout", "2", "-o", "yaml")
     assert code == 1
     assert list(yaml.safe_load_all(out)) == [{"status": "SERVING"}]
     assert err.startswith("error: DEADLINE_EXCEEDED")

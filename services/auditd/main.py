@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 
 from vpnr.auditd.store import AuditStore, StoreError
-from vpnr.core.daemon import DaemonApp, StartupError, run_daemon
+from vpnr.core.daemon import Context, DaemonApp, StartupError, run_daemon
 from vpnr.v1 import audit_pb2, audit_pb2_grpc
 
 
@@ -20,7 +20,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         self.app = app
 
     async def Status(self, request: audit_pb2.AuditStatusRequest,
-                     context: grpc.aio.ServicerContext) -> audit_pb2.AuditStatus:
+                     context: Context) -> audit_pb2.AuditStatus:
         store = self.app.store
         assert store is not None
         return audit_pb2.AuditStatus(
@@ -33,7 +33,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         )
 
     async def Record(self, request: audit_pb2.RecordRequest,
-                     context: grpc.aio.ServicerContext) -> audit_pb2.RecordResponse:
+                     context: Context) -> audit_pb2.RecordResponse:
         event = request.event
         if not event.daemon or not event.action:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,

@@ -13,6 +13,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -150,9 +151,9 @@ class MapInfo:
 def map_info(fd: int) -> MapInfo:
     """Describe a map."""
     raw = _info(fd, 96, "map info")
-    fields = struct.unpack_from("=6I", raw, 0)
+    map_type, map_id, key_size, value_size, max_entries, flags = struct.unpack_from("=6I", raw)
     name = raw[24:40].split(b"\0", 1)[0].decode()
-    return MapInfo(*fields, name=name)
+    return MapInfo(map_type, map_id, key_size, value_size, max_entries, flags, name)
 
 
 @dataclass(frozen=True)
@@ -239,7 +240,7 @@ def map_keys(fd: int, key_size: int, limit: int = 1 << 24) -> Iterator[bytes]:
 @cache
 def possible_cpus() -> int:
     """Number of possible CPUs: the width of every per-CPU map value."""
-    text = open("/sys/devices/system/cpu/possible", encoding="ascii").read().strip()
+    text = Path("/sys/devices/system/cpu/possible").read_text(encoding="ascii").strip()
     count = 0
     for part in text.split(","):
         lo, _, hi = part.partition("-")

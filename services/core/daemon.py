@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Gauge, Info, start_http_server
 
@@ -46,6 +46,9 @@ STOP_GRACE_SECONDS = 5.0
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 log = logging.getLogger("vpnr.daemon")
+
+# What every servicer method receives; requests and responses are typed per method.
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class StartupError(Exception):
@@ -221,8 +224,6 @@ async def serve(app_cls: type[DaemonApp], config: Config) -> int:
     ])
     app.register(server)
     health_servicer = health.aio.HealthServicer()
-    from grpc_health.v1 import health_pb2_grpc
-
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (*app.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from vpnr.core.daemon import DaemonApp, Runtime, run_daemon
+from vpnr.core.daemon import Context, DaemonApp, Runtime, run_daemon
 from vpnr.idpd.discovery import DiscoveryState, refresh
 from vpnr.v1 import idp_pb2, idp_pb2_grpc
 
@@ -31,7 +31,7 @@ class IdpServicer(idp_pb2_grpc.IdpServiceServicer):
         self.app = app
 
     async def Status(self, request: idp_pb2.IdpStatusRequest,
-                     context: grpc.aio.ServicerContext) -> idp_pb2.IdpStatus:
+                     context: Context) -> idp_pb2.IdpStatus:
         state = self.app.discovery
         return idp_pb2.IdpStatus(
             daemon=self.app.runtime.daemon_info(),
@@ -43,12 +43,12 @@ class IdpServicer(idp_pb2_grpc.IdpServiceServicer):
         )
 
     async def GetConfig(self, request: idp_pb2.GetIdpConfigRequest,
-                        context: grpc.aio.ServicerContext) -> idp_pb2.IdpConfig:
+                        context: Context) -> idp_pb2.IdpConfig:
         cfg = self.app.config.idpd
         return idp_pb2.IdpConfig(issuer=cfg.issuer, client_id=cfg.client_id)
 
     async def TestConnection(self, request: idp_pb2.TestConnectionRequest,
-                             context: grpc.aio.ServicerContext
+                             context: Context
                              ) -> idp_pb2.TestConnectionResponse:
         cfg = self.app.config.idpd
         if not cfg.issuer:

@@ -34,7 +34,7 @@ class LabError(Exception):
 
 def run(*argv: str, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     """Run a command; on failure raise LabError with its stderr."""
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise LabError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc

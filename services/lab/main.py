@@ -54,8 +54,9 @@ def policy_status(spec: LabSpec, site: Site) -> policy_pb2.PolicyStatus:
     """policyd's Status for one router."""
     path = spec.run_dir / site.instance / "policyd.sock"
     with grpc.insecure_channel(socket_target(path)) as channel:
-        return policy_pb2_grpc.PolicyServiceStub(channel).Status(
+        status: policy_pb2.PolicyStatus = policy_pb2_grpc.PolicyServiceStub(channel).Status(
             policy_pb2.PolicyStatusRequest(), timeout=5)
+    return status
 
 
 def icmp4_packets(status: policy_pb2.PolicyStatus, interface: str = "lan0") -> int:

@@ -18,6 +18,8 @@ import hashlib
 import logging
 import os
 import struct
+import subprocess
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ from pyroute2 import IPRoute
 
 from vpnr.core import bpfsys
 from vpnr.core.config import InterfaceConfig
+from vpnr.policyd.build import SETTINGS, settings_map_fd
 
 log = logging.getLogger("vpnr.policyd.datapath")
 
@@ -34,14 +37,14 @@ BPF_DIR = Path(os.environ.get("VPNR_BPF_DIR", Path(__file__).resolve().parents[2
 ENTRY_FILE = "xdp_rbac.c"
 ENTRY_FUNCTION = "xdp_rbac"
 PROG_PIN = "xdp_rbac_prog"
+STAGING_PIN = "xdp_rbac_prog_staging"
+BUILD_TIMEOUT = 120.0
 STATS_PIN = "xdp_stats"
 LINK_PIN_PREFIX = "link_xdp_"
-SETTINGS_MAP = "vpnr_settings"
 
 # struct vpnr_stats_key / vpnr_counter / vpnr_settings in bpf/lib/maps.h
 STATS_KEY = struct.Struct("=IBBBB")
 COUNTER = struct.Struct("=QQ")
-SETTINGS = struct.Struct("=32sQII")
 BPF_MAP_TYPE_PERCPU_HASH = 5
 STATS_MAX_ENTRIES = 4096
 
@@ -84,7 +87,6 @@ class XdpDatapath:
     stats_fd: int = -1
     adopted: bool = False
     attached: dict[str, AttachedInterface] = field(default_factory=dict)
-    _bcc: Any = None
 
     # -- build identity -------------------------------------------------------------------
 
@@ -136,16 +138,9 @@ class XdpDatapath:
             log.warning("pinned program unusable; rebuilding", extra={"reason": str(exc)})
             return None
 
-    def _settings_map_fd(self, prog_fd: int) -> int | None:
-        for map_id in bpfsys.prog_info(prog_fd).map_ids:
-            fd = bpfsys.fd_by_id("map", map_id)
-            if bpfsys.map_info(fd).name == SETTINGS_MAP:
-                return fd
-            os.close(fd)
-        return None
-
-    def _program_build_id(self, prog_fd: int) -> bytes:
-        fd = self._settings_map_fd(prog_fd)
+    @staticmethod
+    def _program_build_id(prog_fd: int) -> bytes:
+        fd = settings_map_fd(prog_fd)
         if fd is None:
             return b""
         try:
@@ -172,24 +167,23 @@ class XdpDatapath:
             path.unlink()
 
     def _build(self) -> int:
-        """Compile with bcc and load; returns a program fd owned by this object."""
-        from bcc import BPF  # imported late: adopting needs no compiler
-
+        """Compile and load in a child process (see build.py); returns our program fd."""
         self._check_pinned_maps()
-        try:
-            self._bcc = BPF(src_file=str(BPF_DIR / ENTRY_FILE), cflags=self.cflags())
-            function = self._bcc.load_func(ENTRY_FUNCTION, BPF.XDP)
-        except Exception as exc:  # bcc raises bare Exception for compile and verifier errors
-            raise DatapathError(f"cannot build {BPF_DIR / ENTRY_FILE}: {exc}") from exc
-        prog_fd = os.dup(function.fd)
-        settings_fd = self._settings_map_fd(prog_fd)
-        if settings_fd is None:
-            raise DatapathError("built program has no settings map")
-        try:
-            bpfsys.map_update(settings_fd, struct.pack("=I", 0),
-                              SETTINGS.pack(self.build_id, 0, 0, 0))
-        finally:
-            os.close(settings_fd)
+        staging = self.pin_dir / STAGING_PIN
+        with contextlib.suppress(FileNotFoundError):
+            staging.unlink()
+        argv = [sys.executable, "-m", "vpnr.policyd.build", "--source",
+                str(BPF_DIR / ENTRY_FILE), "--function", ENTRY_FUNCTION,
+                "--build-id", self.build_id.hex(), "--staging", str(staging)]
+        for flag in self.cflags():
+            argv.append(f"--cflag={flag}")
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=BUILD_TIMEOUT,
+                              check=False)
+        if proc.returncode != 0:
+            raise DatapathError(f"cannot build {BPF_DIR / ENTRY_FILE}:\n"
+                                f"{proc.stderr.strip()[-4000:]}")
+        prog_fd = bpfsys.obj_get(str(staging))
+        staging.unlink()
         log.info("built program", extra={"prog_id": bpfsys.prog_info(prog_fd).id})
         return prog_fd
 
@@ -279,7 +273,9 @@ class XdpDatapath:
                 continue  # removed between listing and reading
             packets = sum(COUNTER.unpack(v)[0] for v in values)
             nbytes = sum(COUNTER.unpack(v)[1] for v in values)
-            rows.append(Counter(*STATS_KEY.unpack(key), packets=packets, bytes=nbytes))
+            ifindex, verdict, reason, ip_version, ip_protocol = STATS_KEY.unpack(key)
+            rows.append(Counter(ifindex, verdict, reason, ip_version, ip_protocol, packets,
+                                nbytes))
         return rows
 
     def stats_fill(self) -> int:
@@ -292,9 +288,6 @@ class XdpDatapath:
             if fd >= 0:
                 os.close(fd)
         self.prog_fd = self.stats_fd = -1
-        if self._bcc is not None:
-            self._bcc.cleanup()
-            self._bcc = None
 
 
 def attach_mode(ipr: IPRoute, ifindex: int) -> str:

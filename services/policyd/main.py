@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator, Sequence
+from typing import cast
 
 import grpc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from vpnr.core.daemon import DaemonApp, Runtime, StartupError, run_daemon
+from vpnr.core.daemon import Context, DaemonApp, Runtime, StartupError, run_daemon
 from vpnr.policyd.datapath import STATS_MAX_ENTRIES, DatapathError, XdpDatapath
 from vpnr.v1 import codes_pb2, common_pb2, policy_pb2, policy_pb2_grpc
 
@@ -27,7 +28,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         self.app = app
 
     async def Status(self, request: policy_pb2.PolicyStatusRequest,
-                     context: grpc.aio.ServicerContext) -> policy_pb2.PolicyStatus:
+                     context: Context) -> policy_pb2.PolicyStatus:
         return await asyncio.to_thread(self.app.status)
 
 
@@ -95,7 +96,8 @@ class Policyd(DaemonApp):
                 program_id=info.id, attach_mode=attached.mode, link_id=attached.link_id,
                 instructions=info.instructions, attached=True,
                 counters=[policy_pb2.VerdictCount(
-                    verdict=row.verdict, reason=row.reason, packets=row.packets,
+                    verdict=cast(codes_pb2.Verdict, row.verdict),
+                    reason=cast(codes_pb2.Reason, row.reason), packets=row.packets,
                     bytes=row.bytes, ip_version=row.ip_version, ip_protocol=row.ip_protocol)
                     for row in counters if row.ifindex == attached.ifindex]))
         fill = datapath.stats_fill()

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from vpnr.core.daemon import DaemonApp, Runtime, run_daemon
+from vpnr.core.daemon import Context, DaemonApp, Runtime, run_daemon
 from vpnr.tunneld.probe import KernelProbeResult, choose_datapath, probe_kernel
 from vpnr.v1 import tunnel_pb2, tunnel_pb2_grpc
 
@@ -32,7 +32,7 @@ class TunnelServicer(tunnel_pb2_grpc.TunnelServiceServicer):
         self.app = app
 
     async def Status(self, request: tunnel_pb2.TunnelStatusRequest,
-                     context: grpc.aio.ServicerContext) -> tunnel_pb2.TunnelStatus:
+                     context: Context) -> tunnel_pb2.TunnelStatus:
         cfg = self.app.config.tunneld
         assert self.app.probe is not None
         return tunnel_pb2.TunnelStatus(
@@ -42,7 +42,7 @@ class TunnelServicer(tunnel_pb2_grpc.TunnelServiceServicer):
             peers=len(cfg.peers))
 
     async def ListPeers(self, request: tunnel_pb2.ListPeersRequest,
-                        context: grpc.aio.ServicerContext) -> tunnel_pb2.ListPeersResponse:
+                        context: Context) -> tunnel_pb2.ListPeersResponse:
         return tunnel_pb2.ListPeersResponse(peers=[
             tunnel_pb2.Peer(name=p.name, public_key=p.public_key, endpoint=p.endpoint,
                             allowed_prefixes=p.allowed_prefixes,

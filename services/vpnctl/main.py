@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc  # type: ignore[import-untyped, unused-ignore]  # grpcio ships no type stubs
+import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .output import (
+from vpnr.vpnctl.output import (
     FORMATS,
     columns,
     human_duration,
@@ -25,7 +25,7 @@ from .output import (
     render_stream_item,
     status_details,
 )
-from .reflection import (
+from vpnr.vpnctl.reflection import (
     DAEMONS,
     EXIT_USAGE,
     SERVICE_DAEMONS,

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc  # type: ignore[import-untyped, unused-ignore]  # grpcio ships no type stubs
+import grpc
 from google.protobuf import descriptor_pb2, json_format
 from google.protobuf.descriptor import (
     Descriptor,

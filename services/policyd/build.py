@@ -1,0 +1,68 @@
+"""Compile and load the XDP program in a short-lived child process.
+
+bcc brings LLVM with it (~130 MB resident that is never given back), so policyd itself never
+imports bcc: this module runs as ``python -m vpnr.policyd.build``, loads the program, stamps
+its build id into the settings map, pins it at a staging path and exits. policyd then opens
+the pin. A compiler or verifier error is printed on stderr and gives exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import struct
+import sys
+from collections.abc import Sequence
+
+from vpnr.core import bpfsys
+
+SETTINGS_MAP = "vpnr_settings"
+SETTINGS = struct.Struct("=32sQII")  # struct vpnr_settings in bpf/lib/maps.h
+
+
+def settings_map_fd(prog_fd: int) -> int | None:
+    """The fd of the program's settings map, found among the maps it uses."""
+    for map_id in bpfsys.prog_info(prog_fd).map_ids:
+        fd = bpfsys.fd_by_id("map", map_id)
+        if bpfsys.map_info(fd).name == SETTINGS_MAP:
+            return fd
+        os.close(fd)
+    return None
+
+
+def build(source: str, function: str, cflags: list[str], build_id: bytes, staging: str) -> None:
+    """Compile, load, stamp and pin; raises on any failure."""
+    from bcc import BPF
+
+    program = BPF(src_file=source, cflags=cflags)
+    loaded = program.load_func(function, BPF.XDP)
+    settings_fd = settings_map_fd(loaded.fd)
+    if settings_fd is None:
+        raise RuntimeError(f"{source}: program has no {SETTINGS_MAP} map")
+    try:
+        bpfsys.map_update(settings_fd, struct.pack("=I", 0), SETTINGS.pack(build_id, 0, 0, 0))
+    finally:
+        os.close(settings_fd)
+    bpfsys.obj_pin(loaded.fd, staging)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the build child."""
+    parser = argparse.ArgumentParser(prog="python -m vpnr.policyd.build")
+    parser.add_argument("--source", required=True)
+    parser.add_argument("--function", required=True)
+    parser.add_argument("--cflag", action="append", default=[])
+    parser.add_argument("--build-id", required=True, help="hex")
+    parser.add_argument("--staging", required=True, help="bpffs path to pin the program at")
+    args = parser.parse_args(argv)
+    try:
+        build(args.source, args.function, args.cflag, bytes.fromhex(args.build_id),
+              args.staging)
+    except Exception as exc:  # noqa: BLE001 - bcc raises bare Exception; report and fail
+        print(f"build failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
