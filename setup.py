@@ -10,7 +10,6 @@ import tempfile
 from pathlib import Path
 
 from setuptools import setup
-from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 
@@ -47,12 +46,7 @@ def generate_stubs() -> None:
         typing_link.symlink_to(Path("..") / ".." / "services")
 
 
-class BuildWithStubs(build_py):
-    """build_py that generates the gRPC stubs first (also for editable installs)."""
-
-    def run(self) -> None:
-        generate_stubs()
-        super().run()
-
-
-setup(cmdclass={"build_py": BuildWithStubs})
+# Every setuptools step (egg_info included, which checks that package directories exist)
+# runs this file, so the stubs are generated before any of them.
+generate_stubs()
+setup()
