@@ -69,18 +69,25 @@ def test_daemon_lifecycle(daemon: str, tmp_path: Path, netns: str, instance: str
     assert '"msg": "stopped"' in proc.output()
 
 
+def status_once(daemon: str, tmp_path: Path, instance: str, netns: str | None = None,
+                extra_config: str = "") -> Any:
+    """Start a daemon, take one Status answer, stop it cleanly."""
+    config = tmp_path / "router.toml"
+    config.write_text(router_toml(instance, tmp_path, interface="lan0" if netns else "lo",
+                                  extra=extra_config))
+    proc = DaemonProcess(daemon, config, tmp_path / "run", instance, netns=netns).start()
+    _, stub_cls, request_cls = SERVICES[daemon]
+    try:
+        with grpc.insecure_channel(socket_target(proc.socket)) as channel:
+            return stub_cls(channel).Status(request_cls(), timeout=10)
+    finally:
+        assert proc.stop() == 0
+
+
 @pytest.mark.root
 def test_policyd_status_reports_attached_program(tmp_path: Path, netns: str,
                                                  instance: str) -> None:
-    config = tmp_path / "router.toml"
-    config.write_text(router_toml(instance, tmp_path, interface="lan0"))
-    proc = DaemonProcess("policyd", config, tmp_path / "run", instance, netns=netns).start()
-    try:
-        with grpc.insecure_channel(socket_target(proc.socket)) as channel:
-            status = policy_pb2_grpc.PolicyServiceStub(channel).Status(
-                policy_pb2.PolicyStatusRequest(), timeout=10)
-    finally:
-        assert proc.stop() == 0
+    status = status_once("policyd", tmp_path, instance, netns)
     (iface,) = status.interfaces
     assert iface.name == "lan0" and iface.attached
     assert iface.attach_mode == "native"
@@ -92,15 +99,7 @@ def test_policyd_status_reports_attached_program(tmp_path: Path, netns: str,
 
 @pytest.mark.root
 def test_tunneld_reports_probe_and_datapath(tmp_path: Path, netns: str, instance: str) -> None:
-    config = tmp_path / "router.toml"
-    config.write_text(router_toml(instance, tmp_path, interface="lan0"))
-    proc = DaemonProcess("tunneld", config, tmp_path / "run", instance, netns=netns).start()
-    try:
-        with grpc.insecure_channel(socket_target(proc.socket)) as channel:
-            status = tunnel_pb2_grpc.TunnelServiceStub(channel).Status(
-                tunnel_pb2.TunnelStatusRequest(), timeout=10)
-    finally:
-        assert proc.stop() == 0
+    status = status_once("tunneld", tmp_path, instance, netns)
     assert status.probe.af_xdp
     assert status.probe.bpf_crypto_kfuncs
     # This kernel's kfuncs take plain skciphers only; ChaCha20-Poly1305 is refused.
