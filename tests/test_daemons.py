@@ -3,6 +3,7 @@ stops cleanly on SIGTERM with its socket removed."""
 
 from __future__ import annotations
 
+import json
 import stat
 import subprocess
 from pathlib import Path
@@ -14,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from idp_server import running_idp
 
 from conftest import BIN, DaemonProcess, router_toml
 from vpnr.core.client import is_serving, socket_target
@@ -149,3 +151,45 @@ def test_second_instance_of_a_daemon_is_refused(tmp_path: Path, instance: str) -
         assert first.socket.exists() and is_serving(first.socket)
     finally:
         assert first.stop() == 0
+
+
+EXAMPLE_IDP_DATA = Path(__file__).resolve().parents[1] / "deploy" / "idp" / "example-data.json"
+
+
+@pytest.mark.root
+def test_idpd_fetches_discovery_from_real_idp(tmp_path: Path, instance: str) -> None:
+    data = json.loads(EXAMPLE_IDP_DATA.read_text())
+    with running_idp(tmp_path / "idp", data) as idp:
+        status = status_once("idpd", tmp_path, instance,
+                             extra_config=f'[idpd]\nissuer = "{idp.issuer}"\n')
+    assert status.issuer == idp.issuer
+    assert status.discovery_ok, status.discovery_error
+    assert status.discovery_fetched_at.seconds > 0
+    endpoints = dict(e.split("=", 1) for e in status.discovered_endpoints)
+    assert endpoints["device_authorization_endpoint"].startswith(idp.issuer)
+    assert endpoints["jwks_uri"].startswith(idp.issuer)
+
+
+@pytest.mark.root
+def test_idpd_reports_issuer_mismatch_and_keeps_serving(tmp_path: Path, instance: str) -> None:
+    data = json.loads(EXAMPLE_IDP_DATA.read_text())
+    with running_idp(tmp_path / "idp", data) as idp:
+        # Same server under another name: its discovery document names a different issuer.
+        assert idp.issuer.startswith("http://127.0.0.1:")
+        wrong = idp.issuer.replace("127.0.0.1", "localhost")
+        status = status_once("idpd", tmp_path, instance,
+                             extra_config=f'[idpd]\nissuer = "{wrong}"\n')
+    assert not status.discovery_ok
+    assert f"names issuer {idp.issuer!r}, configured issuer is {wrong!r}" in \
+        status.discovery_error
+
+
+@pytest.mark.root
+def test_idpd_unreachable_idp_is_reported_not_fatal(tmp_path: Path, instance: str) -> None:
+    # Port 9 on loopback: nothing listens there, the connection is refused at once.
+    status = status_once("idpd", tmp_path, instance,
+                         extra_config='[idpd]\nissuer = "http://127.0.0.1:9"\n'
+                                      "discovery_timeout_seconds = 2.0\n")
+    assert not status.discovery_ok
+    assert "cannot fetch http://127.0.0.1:9/.well-known/openid-configuration" in \
+        status.discovery_error

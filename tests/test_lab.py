@@ -12,12 +12,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from conftest import unique
+from vpnr.core.client import socket_target
 from vpnr.lab.lab import Lab
 from vpnr.lab.main import icmp4_packets, policy_status
 from vpnr.lab.topology import DAEMONS, LabSpec
+from vpnr.v1 import idp_pb2, idp_pb2_grpc
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 
@@ -26,7 +29,7 @@ pytestmark = [pytest.mark.root, pytest.mark.lab]
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     name = unique("l")
     spec = LabSpec(name=name, instance_prefix=f"{name}-",
-                   base_dir=tmp_path_factory.mktemp("lab"), with_idp=False)
+                   base_dir=tmp_path_factory.mktemp("lab"), with_idp=True)
     lab = Lab(spec)
     try:
         lab.up()
@@ -116,10 +119,17 @@ def test_policyd_kill9_restart_under_traffic(lab: Lab) -> None:
     assert final["prog"] == prog_id and final["attached"] == 1  # one program, not stacked
 
 
-def test_every_daemon_serving(lab: Lab) -> None:
+def test_every_daemon_serving_and_idpd_discovered_lab_idp(lab: Lab) -> None:
     for site in lab.spec.sites:
         for daemon in DAEMONS:
             lab.wait_ready(site, daemon, timeout=5)
+        with grpc.insecure_channel(socket_target(
+                lab.spec.run_dir / site.instance / "idpd.sock")) as channel:
+            status = idp_pb2_grpc.IdpServiceStub(channel).Status(idp_pb2.IdpStatusRequest(),
+                                                                 timeout=5)
+        # idpd in the router namespace reached the IdP across the underlay.
+        assert status.issuer == lab.spec.issuer
+        assert status.discovery_ok, status.discovery_error
 
 
 def test_lab_down_removes_exactly_what_up_created(tmp_path: Path) -> None:

@@ -96,8 +96,16 @@ function thumbprint(jwk) {
 }
 
 function generateSigningKey() {
-  const { privateKey } = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
-  const jwk = privateKey.export({ format: 'jwk' });
+  // Not `generateKeyPairSync(...).privateKey.export({format: 'jwk'})`: on
+  // Node 20 that deadlocks now and then (a GC run during the JWK export
+  // destroys the key generation job, which waits for the key's mutex the
+  // export holds).  Going through PEM gives the exported key its own data.
+  const { privateKey: pem } = crypto.generateKeyPairSync('rsa', {
+    modulusLength: 2048,
+    publicKeyEncoding: { type: 'spki', format: 'pem' },
+    privateKeyEncoding: { type: 'pkcs8', format: 'pem' },
+  });
+  const jwk = crypto.createPrivateKey(pem).export({ format: 'jwk' });
   return { ...jwk, kid: thumbprint(jwk), alg: 'RS256', use: 'sig' };
 }
 

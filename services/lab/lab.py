@@ -175,11 +175,13 @@ class Lab:
 
     # -- processes ----------------------------------------------------------------------
 
-    def _spawn(self, name: str, ns: str, argv: list[str], log: Path) -> dict[str, Any]:
+    def _spawn(self, name: str, ns: str, argv: list[str], log: Path,
+               env: dict[str, str] | None = None) -> dict[str, Any]:
         full = ["nsenter", f"--net=/run/netns/{ns}", *argv]
         with log.open("ab") as out:
             proc = subprocess.Popen(full, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    env={**os.environ, **(env or {})})
         entry = {"name": name, "ns": ns, "pid": proc.pid, "argv": argv, "log": str(log)}
         self.manifest.processes = [p for p in self.manifest.processes if p["name"] != name]
         self._record("processes", entry)
@@ -198,7 +200,8 @@ class Lab:
         log = self.spec.lab_dir / "idp.log"
         self._spawn("idp", self.spec.underlay_ns,
                     ["node", str(server), "--host", IDP_ADDRESS, "--port", str(IDP_PORT),
-                     "--data", str(data), "--admin-token", token], log)
+                     "--data", str(data)], log,
+                    env={"VPNR_IDP_ADMIN_TOKEN": token})  # not on the command line
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
             if '"ready"' in log.read_text(errors="replace"):
