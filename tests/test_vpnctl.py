@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import secrets
@@ -256,17 +255,19 @@ def test_call_bad_json_exits_2(router: Router, capsys: pytest.CaptureFixture[str
 
 
 def test_call_request_from_file_and_stdin(router: Router, capsys: pytest.CaptureFixture[str],
-                                          tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+                                          tmp_path: Path) -> None:
     request = tmp_path / "request.json"
     request.write_text('{"event": {"daemon": "test", "action": "from.file"}}', encoding="utf-8")
     code, out, _ = vpnctl(router, capsys, "call", "AuditService/Record", "-d", f"@{request}")
     assert code == 0
     assert out.startswith("id: ")
-    monkeypatch.setattr(sys, "stdin", io.StringIO('{"event": {"daemon": "t", "action": "a"}}'))
-    code, out, _ = vpnctl(router, capsys, "call", "AuditService/Record", "-d", "-")
-    assert code == 0
-    assert out.startswith("id: ")
+    # The real console script, with the request on its standard input.
+    piped = subprocess.run([str(BIN / "vpnctl"), *router.argv("call", "AuditService/Record",
+                                                               "-d", "-")],
+                           input='{"event": {"daemon": "t", "action": "a"}}',
+                           capture_output=True, text=True, timeout=30)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.startswith("id: ")
     code, _, err = vpnctl(router, capsys, "call", "AuditService/Record",
                           "-d", f"@{tmp_path / 'missing.json'}")
     assert code == 2
