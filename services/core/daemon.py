@@ -55,6 +55,15 @@ class StartupError(Exception):
     """The daemon cannot start; the message tells the operator what to fix."""
 
 
+def unix_timestamp(unix: float) -> Timestamp | None:
+    """A protobuf Timestamp for a Unix time; None (field unset) for 0."""
+    if not unix:
+        return None
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(unix * 1e9))
+    return stamp
+
+
 @dataclass
 class Runtime:
     """Facts about this running daemon, shared with its app."""
@@ -73,14 +82,12 @@ class Runtime:
 
     def daemon_info(self) -> common_pb2.DaemonInfo:
         """The common part of every Status answer."""
-        started = Timestamp()
-        started.FromNanoseconds(int(self.started_wall * 1e9))
         return common_pb2.DaemonInfo(
             daemon=self.daemon,
             version=__version__,
             instance=self.config.router.instance,
             pid=os.getpid(),
-            started_at=started,
+            started_at=unix_timestamp(self.started_wall),
             uptime_seconds=time.monotonic() - self.started_monotonic,
             config_file=self.config.path,
             socket_path=str(self.socket_path),

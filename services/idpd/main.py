@@ -7,21 +7,12 @@ import time
 from collections.abc import Sequence
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
-from vpnr.core.daemon import Context, DaemonApp, Runtime, run_daemon
+from vpnr.core.daemon import Context, DaemonApp, Runtime, run_daemon, unix_timestamp
 from vpnr.idpd.discovery import DiscoveryState, refresh
 from vpnr.v1 import idp_pb2, idp_pb2_grpc
 
 log = logging.getLogger("vpnr.idpd")
-
-
-def _timestamp(unix: float) -> Timestamp | None:
-    if not unix:
-        return None
-    ts = Timestamp()
-    ts.FromNanoseconds(int(unix * 1e9))
-    return ts
 
 
 class IdpServicer(idp_pb2_grpc.IdpServiceServicer):
@@ -38,7 +29,7 @@ class IdpServicer(idp_pb2_grpc.IdpServiceServicer):
             issuer=self.app.config.idpd.issuer,
             discovery_ok=state.ok,
             discovery_error=state.error,
-            discovery_fetched_at=_timestamp(state.fetched_at),
+            discovery_fetched_at=unix_timestamp(state.fetched_at),
             discovered_endpoints=state.endpoints(),
         )
 

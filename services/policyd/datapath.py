@@ -278,10 +278,6 @@ class XdpDatapath:
                                 nbytes))
         return rows
 
-    def stats_fill(self) -> int:
-        """Number of rows in the counters map."""
-        return sum(1 for _ in bpfsys.map_keys(self.stats_fd, STATS_KEY.size, STATS_MAX_ENTRIES))
-
     def close(self) -> None:
         """Close our fds; pinned objects and attachments stay."""
         for fd in (self.prog_fd, self.stats_fd):
@@ -303,13 +299,3 @@ def attach_mode(ipr: IPRoute, ifindex: int) -> str:
                 "xdpgeneric": "generic", "xdpoffload": "offload", "multi": "multi",
                 "none": ""}.get(attached, str(attached))
     return ""
-
-
-def attached_prog_id(ifindex: int) -> int:
-    """The XDP program id the kernel reports for an interface (0 if none)."""
-    with IPRoute() as ipr:
-        for link in ipr.get_links(ifindex):
-            xdp = link.get_attr("IFLA_XDP")
-            if xdp is not None:
-                return int(xdp.get_attr("IFLA_XDP_PROG_ID") or 0)
-    return 0

@@ -46,7 +46,8 @@ class XdpCollector(Collector):
         nbytes = CounterMetricFamily("vpnr_xdp_bytes", "Bytes seen by the XDP program",
                                      labels=labels)
         names = {a.ifindex: name for name, a in self.app.datapath.attached.items()}
-        for row in self.app.datapath.counters():
+        rows = self.app.datapath.counters()
+        for row in rows:
             values = [names.get(row.ifindex, str(row.ifindex)),
                       codes_pb2.Verdict.Name(row.verdict), codes_pb2.Reason.Name(row.reason),
                       str(row.ip_version), str(row.ip_protocol)]
@@ -54,7 +55,7 @@ class XdpCollector(Collector):
             nbytes.add_metric(values, row.bytes)
         fill = GaugeMetricFamily("vpnr_map_fill_ratio", "Entries over max_entries per map",
                                  labels=["map"])
-        fill.add_metric(["xdp_stats"], self.app.datapath.stats_fill() / STATS_MAX_ENTRIES)
+        fill.add_metric(["xdp_stats"], len(rows) / STATS_MAX_ENTRIES)  # one row per entry
         yield from (packets, nbytes, fill)
 
 
@@ -100,7 +101,7 @@ class Policyd(DaemonApp):
                     reason=cast(codes_pb2.Reason, row.reason), packets=row.packets,
                     bytes=row.bytes, ip_version=row.ip_version, ip_protocol=row.ip_protocol)
                     for row in counters if row.ifindex == attached.ifindex]))
-        fill = datapath.stats_fill()
+        fill = len(counters)  # one row per map entry: no second walk of the map
         maps = [policy_pb2.MapFill(name="xdp_stats", entries=fill, max_entries=STATS_MAX_ENTRIES,
                                    fill_ratio=fill / STATS_MAX_ENTRIES)]
         warnings = [common_pb2.Warning(code="MAP_FILL", message=f"{m.name} is "
