@@ -1,15 +1,17 @@
 /* XDP entry of policyd: one program for every configured interface.
- * The logic lives in lib/; this file only orders the steps. */
+ * The logic lives in lib/; this file defines the map accessors and orders the steps. */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/ipv6.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
 
 #include "lib/codes.h"
 #include "lib/maps.h"
 
 /* Map accessors. bcc rewrites map method calls (map.lookup(...)) only in the main source
- * file, so every entry file defines the accessors that the lib/ headers call. */
+ * file, so every entry file defines the accessors that the lib/ headers declare. */
 static __always_inline struct vpnr_counter *vpnr_stats_row(struct vpnr_stats_key *key,
 							   struct vpnr_counter *zero)
 {
@@ -23,36 +25,201 @@ static __always_inline struct vpnr_settings *vpnr_settings_get(void)
 	return vpnr_settings.lookup(&zero);
 }
 
-#include "lib/parse.h"
-#include "lib/stats.h"
-
-static __always_inline int vpnr_finish(struct xdp_md *ctx, __u8 verdict, __u8 reason,
-				       const struct vpnr_packet *pkt)
+static __always_inline __u64 vpnr_active_word(void)
 {
-	vpnr_count(ctx->ingress_ifindex, verdict, reason, pkt);
-	return verdict == VPNR_VERDICT_DENY ? XDP_DROP : XDP_PASS;
+	__u32 zero = 0;
+	__u64 *word = policy_active.lookup(&zero);
+
+	return word ? *(volatile __u64 *)word : 0; /* one 64-bit load: slot and version agree */
 }
 
+static __always_inline struct vpnr_config *vpnr_config_get(void)
+{
+	__u32 zero = 0;
+
+	return vpnr_config.lookup(&zero);
+}
+
+static __always_inline struct vpnr_iface *vpnr_iface_get(__u32 ifindex)
+{
+	return iface_zones.lookup(&ifindex);
+}
+
+static __always_inline struct vpnr_binding *vpnr_binding4(struct vpnr_lpm4_key *key)
+{
+	return src4_bindings.lookup(key);
+}
+
+static __always_inline struct vpnr_binding *vpnr_binding6(struct vpnr_lpm6_key *key)
+{
+	return src6_bindings.lookup(key);
+}
+
+static __always_inline __u32 *vpnr_zone4(struct vpnr_lpm4_key *key)
+{
+	return dst4_zones.lookup(key);
+}
+
+static __always_inline __u32 *vpnr_zone6(struct vpnr_lpm6_key *key)
+{
+	return dst6_zones.lookup(key);
+}
+
+static __always_inline struct vpnr_bucket *vpnr_bucket_get(struct vpnr_bucket_key *key)
+{
+	return rule_buckets.lookup(key);
+}
+
+static __always_inline struct vpnr_rule *vpnr_rule_get(__u32 index)
+{
+	return rule_table.lookup(&index);
+}
+
+static __always_inline struct vpnr_roleset *vpnr_roleset_get(__u32 index)
+{
+	return rolesets.lookup(&index);
+}
+
+static __always_inline struct vpnr_traffic *vpnr_binding_traffic(__u32 binding_id)
+{
+	return binding_traffic.lookup(&binding_id);
+}
+
+static __always_inline struct vpnr_traffic *vpnr_roleset_traffic(__u32 roleset_id)
+{
+	return roleset_traffic.lookup(&roleset_id);
+}
+
+static __always_inline struct vpnr_audit_bucket *vpnr_audit_bucket_get(__u32 role)
+{
+	return audit_buckets.lookup(&role);
+}
+
+static __always_inline __u64 *vpnr_audit_lost(__u32 cause)
+{
+	return audit_lost.lookup(&cause);
+}
+
+static __always_inline struct vpnr_audit_event *vpnr_audit_reserve(void)
+{
+	return audit_ring.ringbuf_reserve(sizeof(struct vpnr_audit_event));
+}
+
+static __always_inline void vpnr_audit_submit(struct vpnr_audit_event *event)
+{
+	audit_ring.ringbuf_submit(event, 0);
+}
+
+#include "lib/audit.h"
+#include "lib/handoff.h"
+#include "lib/parse.h"
+#include "lib/policy.h"
+#include "lib/stats.h"
+#include "lib/trace.h"
+
+static __always_inline struct vpnr_handoff *vpnr_handoff_get(void)
+{
+	__u32 zero = 0;
+
+	return xdp_handoff.lookup(&zero);
+}
+
+static __always_inline int vpnr_finish(struct xdp_md *ctx, const struct vpnr_config *cfg,
+				       struct vpnr_decision *d, const struct vpnr_packet *pkt)
+{
+	__u32 queue = ctx->rx_queue_index;
+
+	if (d->verdict == VPNR_VERDICT_ALLOW && d->dst_zone == VPNR_ZONE_VPN &&
+	    d->src_zone != VPNR_ZONE_VPN) {
+		/* VPN zone: only tunneld may carry it; no socket bound, nothing leaves. */
+		if (xsk_map.lookup(&queue)) {
+			d->verdict = VPNR_VERDICT_REDIRECT;
+			d->reason = VPNR_REASON_TUNNEL_REDIRECT;
+		} else {
+			d->verdict = VPNR_VERDICT_DENY;
+			d->reason = VPNR_REASON_TUNNEL_NO_SOCKET;
+		}
+	}
+	if (!vpnr_trace(ctx, d)) {
+		vpnr_count(ctx->ingress_ifindex, d->verdict, d->reason, pkt);
+		vpnr_account(d, pkt);
+		if (cfg && pkt->ip_version &&
+		    (d->verdict == VPNR_VERDICT_DENY || cfg->allow_sample_n))
+			vpnr_audit(cfg, ctx->ingress_ifindex, d, pkt);
+	}
+	if (cfg && (cfg->flags & VPNR_CFG_MONITOR))
+		return XDP_PASS; /* monitor mode: decided, counted, audited, not enforced */
+	if (d->verdict == VPNR_VERDICT_REDIRECT)
+		return xsk_map.redirect_map(queue, XDP_DROP);
+	return d->verdict == VPNR_VERDICT_ALLOW ? XDP_PASS : XDP_DROP;
+}
+
+/* Stage 1, attached to the interfaces: parse, bypass, binding, zones, bucket. */
 int xdp_rbac(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct vpnr_packet pkt = {};
+	struct vpnr_decision d = {};
+	struct vpnr_scan scan = {};
+	struct vpnr_handoff *handoff;
+	struct vpnr_config *cfg;
+	struct vpnr_iface *iface;
+	__u8 iface_zone;
 	int malformed;
 
 	/* Read on every packet so the kernel ties the settings map (and its build id) to us. */
-	if (!vpnr_settings_get())
-		return vpnr_finish(ctx, VPNR_VERDICT_DENY, VPNR_REASON_MAP_ERROR, &pkt);
+	cfg = vpnr_config_get();
+	if (!vpnr_settings_get() || !cfg) {
+		d.verdict = VPNR_VERDICT_DENY;
+		d.reason = VPNR_REASON_MAP_ERROR;
+		return vpnr_finish(ctx, 0, &d, &pkt);
+	}
+	d.active = vpnr_active_word();
+	iface = vpnr_iface_get(ctx->ingress_ifindex);
+	/* An interface policyd did not configure is treated as outside. */
+	iface_zone = iface ? iface->zone : VPNR_ZONE_EXTERNAL;
+	d.src_zone = iface_zone;
 
 	malformed = vpnr_parse(data, data_end, &pkt);
-	if (malformed)
-		return vpnr_finish(ctx, VPNR_VERDICT_DENY, malformed, &pkt);
+	if (malformed) {
+		d.verdict = VPNR_VERDICT_DENY;
+		d.reason = malformed;
+	} else if (vpnr_infra_bypass(cfg, iface_zone, &pkt)) {
+		d.verdict = VPNR_VERDICT_ALLOW;
+		d.reason = VPNR_REASON_INFRA_BYPASS;
+	} else if (pkt.ip_version) {
+		if (vpnr_decide_ip(&pkt, iface_zone, &d, &scan)) {
+			handoff = vpnr_handoff_get();
+			if (handoff) {
+				handoff->pkt = pkt;
+				handoff->d = d;
+				handoff->scan = scan;
+				xdp_stages.call(ctx, VPNR_STAGE_RULES);
+			}
+			/* Only reached when the tail call failed: never decide without rules. */
+			d.verdict = VPNR_VERDICT_DENY;
+			d.reason = VPNR_REASON_MAP_ERROR;
+		}
+	} else {
+		d.verdict = VPNR_VERDICT_DENY;
+		d.reason = VPNR_REASON_UNSUPPORTED_ETHERTYPE;
+	}
+	return vpnr_finish(ctx, cfg, &d, &pkt);
+}
 
-	/* if/else, not switch: a switch may become a jump table, which BPF cannot run. */
-	if (pkt.ethertype == VPNR_ETH_P_ARP)
-		return vpnr_finish(ctx, VPNR_VERDICT_ALLOW, VPNR_REASON_INFRA_BYPASS, &pkt);
-	if (pkt.ip_version)
-		/* Role-based evaluation arrives with the policy maps; until then: count only. */
-		return vpnr_finish(ctx, VPNR_VERDICT_ALLOW, VPNR_REASON_NOT_ENFORCED, &pkt);
-	return vpnr_finish(ctx, VPNR_VERDICT_DENY, VPNR_REASON_UNSUPPORTED_ETHERTYPE, &pkt);
+/* Stage 2, reached by tail call: scan the bucket's rules, then finish like stage 1. */
+int xdp_rbac_rules(struct xdp_md *ctx)
+{
+	struct vpnr_handoff *handoff = vpnr_handoff_get();
+	struct vpnr_config *cfg = vpnr_config_get();
+	struct vpnr_packet pkt;
+	struct vpnr_decision d;
+
+	if (!handoff || !cfg)
+		return XDP_DROP;
+	pkt = handoff->pkt;
+	d = handoff->d;
+	vpnr_scan_rules(&pkt, &handoff->scan, &d);
+	return vpnr_finish(ctx, cfg, &d, &pkt);
 }

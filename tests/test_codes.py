@@ -37,3 +37,7 @@ def test_reasons_match() -> None:
 def test_parser_sees_every_value() -> None:
     # Guards the regex: a header it half-read would make the comparisons above vacuous.
     assert len(header_enum("vpnr_reason")) == len(codes_pb2.Reason.DESCRIPTOR.values) >= 17
+
+
+def test_zones_match() -> None:
+    assert header_enum("vpnr_zone") == proto_enum(codes_pb2.Zone.DESCRIPTOR)

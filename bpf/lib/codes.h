@@ -1,4 +1,4 @@
-/* Verdict and reason codes. Mirror of proto/vpnr/v1/codes.proto (enums Verdict and Reason);
+/* Verdict and reason codes. Mirror of proto/vpnr/v1/codes.proto (enums Verdict, Reason and Zone);
  * tests/test_codes.py fails if the two differ. Values are stable: never renumber. */
 #ifndef VPNR_CODES_H
 #define VPNR_CODES_H
@@ -29,6 +29,13 @@ enum vpnr_reason {
 	VPNR_REASON_HANDSHAKE_RATE_LIMIT = 15,
 	VPNR_REASON_NOT_ENFORCED = 16,
 	VPNR_REASON_MAP_ERROR = 17,
+};
+
+enum vpnr_zone {
+	VPNR_ZONE_UNSPECIFIED = 0,
+	VPNR_ZONE_INTERNAL = 1,
+	VPNR_ZONE_VPN = 2,
+	VPNR_ZONE_EXTERNAL = 3,
 };
 
 #endif /* VPNR_CODES_H */

@@ -21,6 +21,7 @@ _libc.syscall.restype = ctypes.c_long
 SYS_BPF = 321  # x86_64
 
 # enum bpf_cmd
+BPF_MAP_CREATE = 0
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
@@ -34,6 +35,12 @@ BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_LINK_CREATE = 28
 BPF_LINK_UPDATE = 29
 BPF_LINK_GET_FD_BY_ID = 30
+BPF_MAP_UPDATE_BATCH = 26
+BPF_MAP_DELETE_BATCH = 27
+
+# enum bpf_map_type
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
 
 # enum bpf_attach_type / bpf_link_type
 BPF_XDP = 37
@@ -266,17 +273,88 @@ class TestRun:
     data_out: bytes
 
 
-def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1) -> TestRun:
-    """Run a loaded program on ``data`` in the kernel (XDP/TC: an Ethernet frame)."""
+def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, ctx: bytes = b"") -> TestRun:
+    """Run a loaded program on ``data`` in the kernel (XDP/TC: an Ethernet frame).
+
+    ``ctx`` is the program's context struct (XDP: struct xdp_md, which names the ingress
+    interface and the length of a metadata area at the start of ``data``).
+    """
     data_in = ctypes.create_string_buffer(data, len(data))
     out_size = max(len(data) + 256, 256)
     data_out = ctypes.create_string_buffer(out_size)
+    ctx_in = ctypes.create_string_buffer(ctx, max(len(ctx), 1))
+    ctx_out = ctypes.create_string_buffer(max(len(ctx), 1))
     attr = _attr()
     # struct bpf_attr.test: prog_fd, retval, data_size_in, data_size_out, data_in, data_out,
-    # repeat, duration
-    struct.pack_into("=IIIIQQII", attr, 0, prog_fd, 0, len(data), out_size, _addr(data_in),
-                     _addr(data_out), max(repeat, 1), 0)
+    # repeat, duration, ctx_size_in, ctx_size_out, ctx_in, ctx_out
+    struct.pack_into("=IIIIQQIIIIQQ", attr, 0, prog_fd, 0, len(data), out_size,
+                     _addr(data_in), _addr(data_out), max(repeat, 1), 0, len(ctx),
+                     len(ctx), _addr(ctx_in) if ctx else 0, _addr(ctx_out) if ctx else 0)
     _bpf(BPF_PROG_TEST_RUN, attr, "program test run")
     retval, _, size_out = struct.unpack_from("=III", attr, 4)
     duration = struct.unpack_from("=I", attr, 36)[0]
     return TestRun(retval, duration, data_out.raw[:size_out])
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
+               name: str = "", inner_map_fd: int = 0, flags: int = 0) -> int:
+    """Create a map; returns its fd."""
+    attr = _attr()
+    struct.pack_into("=IIIIII", attr, 0, map_type, key_size, value_size, max_entries, flags,
+                     inner_map_fd)
+    struct.pack_into("16s", attr, 28, name.encode()[:15])
+    return _bpf(BPF_MAP_CREATE, attr, f"create map {name or map_type}")
+
+
+def _batch(cmd: int, fd: int, keys: bytes, values: bytes, count: int, what: str) -> None:
+    key_buf = ctypes.create_string_buffer(keys, max(len(keys), 1))
+    value_buf = ctypes.create_string_buffer(values, max(len(values), 1))
+    attr = _attr()
+    # struct bpf_attr.batch: in_batch, out_batch, keys, values, count, map_fd, elem_flags
+    struct.pack_into("=QQQQIIQ", attr, 0, 0, 0, _addr(key_buf),
+                     _addr(value_buf) if values else 0, count, fd, 0)
+    _bpf(cmd, attr, what)
+    done = struct.unpack_from("=I", attr, 32)[0]
+    if done != count:
+        raise BpfError(errno.EIO, f"{what}: {done} of {count} elements")
+
+
+BATCH_CHUNK = 8192
+
+
+def map_update_batch(fd: int, items: list[tuple[bytes, bytes]]) -> None:
+    """Insert or replace many elements of a hash or array map, a few syscalls in all."""
+    for i in range(0, len(items), BATCH_CHUNK):
+        chunk = items[i:i + BATCH_CHUNK]
+        _batch(BPF_MAP_UPDATE_BATCH, fd, b"".join(k for k, _ in chunk),
+               b"".join(v for _, v in chunk), len(chunk), "map batch update")
+
+
+def map_delete_batch(fd: int, keys: list[bytes]) -> None:
+    """Delete many elements of a hash map (every key must exist)."""
+    for i in range(0, len(keys), BATCH_CHUNK):
+        chunk = keys[i:i + BATCH_CHUNK]
+        _batch(BPF_MAP_DELETE_BATCH, fd, b"".join(chunk), b"", len(chunk), "map batch delete")
+
+
+class GracePeriod:
+    """Waits until every BPF program that started before the call has finished.
+
+    The kernel runs synchronize_rcu() on each update of a map-in-map (so that user space
+    knows no program still sees the old inner map): updating a private one-slot
+    array-of-maps is the documented way for user space to wait for in-flight programs.
+    """
+
+    def __init__(self) -> None:
+        self.inner_fd = map_create(BPF_MAP_TYPE_ARRAY, 4, 4, 1, "vpnr_rcu_inner")
+        self.outer_fd = map_create(BPF_MAP_TYPE_ARRAY_OF_MAPS, 4, 4, 1, "vpnr_rcu",
+                                   inner_map_fd=self.inner_fd)
+
+    def wait(self) -> None:
+        """Return once a full RCU grace period has passed."""
+        map_update(self.outer_fd, struct.pack("=I", 0), struct.pack("=I", self.inner_fd))
+
+    def close(self) -> None:
+        """Release both maps."""
+        os.close(self.outer_fd)
+        os.close(self.inner_fd)

@@ -104,6 +104,22 @@ class PolicydConfig(MetricsConfig):
     """policyd: the XDP RBAC program and the policy maps."""
 
     interfaces: tuple[InterfaceConfig, ...] = doc("Interfaces to enforce policy on.", "nonempty")
+    mode: Literal["enforce", "monitor"] = doc(
+        "enforce drops what the policy denies; monitor decides, counts and audits every "
+        "packet but lets it pass (for rolling out a policy).", "", "enforce")
+    infra_bypass: tuple[Literal["arp", "dhcp", "nd", "tunnel"], ...] = doc(
+        "Infrastructure that passes without roles: ARP, DHCP (v4 and v6), ICMPv6 neighbour "
+        "discovery (hop limit 255), and the tunnel port on external interfaces.", "",
+        ("arp", "dhcp", "nd", "tunnel"))
+    database: str = doc("SQLite file of the desired policy; relative paths are under the "
+                        "state directory.", "path", "policy.db")
+    audit_ring_mib: int = doc("Size of the audit ring buffer in MiB (a power of two).",
+                              "pow2", 8)
+    audit_allow_sample: int = doc("Audit one in N allowed packets; 0 audits no allowed "
+                                  "packet (every denied one is audited).", "nonneg", 0)
+    audit_events_per_second: int = doc("Audit events per second per role (token bucket).",
+                                       "positive", 1000)
+    audit_burst: int = doc("Audit events a role may send in one burst.", "positive", 1000)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -199,6 +215,8 @@ def _check(file: str, key: str, check: str, value: Any) -> None:
         fail("a number >= 0")
     elif check == "positive" and value <= 0:
         fail("a number > 0")
+    elif check == "pow2" and not (0 < value <= 1024 and value & (value - 1) == 0):
+        fail("a power of two between 1 and 1024")
     elif check == "nonempty" and not value:
         fail("at least one entry")
     elif check == "loopback":

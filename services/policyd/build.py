@@ -30,12 +30,25 @@ def settings_map_fd(prog_fd: int) -> int | None:
     return None
 
 
-def build(source: str, function: str, cflags: list[str], build_id: bytes, staging: str) -> None:
-    """Compile, load, stamp and pin; raises on any failure."""
+def build(source: str, function: str, cflags: list[str], build_id: bytes, staging: str,
+          stages: str = "", stage_functions: Sequence[str] = ()) -> None:
+    """Compile, load, stamp and pin; raises on any failure.
+
+    ``stage_functions`` are loaded into the program array ``xdp_stages`` (tail calls), which
+    is pinned at ``stages``: the kernel empties a program array once no file or pin holds it.
+    """
+    import ctypes
+
     from bcc import BPF
 
     program = BPF(src_file=source, cflags=cflags)
     loaded = program.load_func(function, BPF.XDP)
+    if stage_functions:
+        table = program.get_table("xdp_stages")
+        for index, name in enumerate(stage_functions):
+            stage = program.load_func(name, BPF.XDP)
+            table[ctypes.c_int(index)] = ctypes.c_int(stage.fd)
+        bpfsys.obj_pin(table.map_fd, stages)
     settings_fd = settings_map_fd(loaded.fd)
     if settings_fd is None:
         raise RuntimeError(f"{source}: program has no {SETTINGS_MAP} map")
@@ -54,10 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cflag", action="append", default=[])
     parser.add_argument("--build-id", required=True, help="hex")
     parser.add_argument("--staging", required=True, help="bpffs path to pin the program at")
+    parser.add_argument("--stages", default="", help="bpffs path to pin the tail-call array at")
+    parser.add_argument("--stage-function", action="append", default=[])
     args = parser.parse_args(argv)
     try:
         build(args.source, args.function, args.cflag, bytes.fromhex(args.build_id),
-              args.staging)
+              args.staging, args.stages, args.stage_function)
     except Exception as exc:  # noqa: BLE001 - bcc raises bare Exception; report and fail
         print(f"build failed: {exc}", file=sys.stderr)
         return 1

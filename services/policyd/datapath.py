@@ -4,7 +4,9 @@ Objects on bpffs under ``<bpffs_dir>/<instance>/``:
 - ``xdp_rbac_prog``: the running program (its settings map carries the build id);
 - ``link_xdp_<ifname>``: one BPF link per interface; the link keeps the program attached
   while policyd is down, and ``BPF_LINK_UPDATE`` swaps programs atomically on upgrade;
-- ``xdp_stats`` and later policy maps: pinned by the program itself (``BPF_TABLE_PINNED``).
+- ``xdp_stages_<build id>``: the tail-call array holding the rule-scan stage;
+- the maps of bpf/lib/maps.h (policy, counters, audit ring, XSK map): pinned by the
+  program itself (``BPF_TABLE_PINNED``), checked for shape before bcc reuses them.
 
 A restarted policyd whose build id matches the pinned program adopts it without compiling:
 nothing is detached or reloaded, so packets never see a gap.
@@ -29,24 +31,26 @@ from pyroute2 import IPRoute
 
 from vpnr.core import bpfsys
 from vpnr.core.config import InterfaceConfig
+from vpnr.policyd import layout
 from vpnr.policyd.build import SETTINGS, settings_map_fd
+from vpnr.policyd.kernel import DEFAULT_RING_BYTES, check_pinned
 
 log = logging.getLogger("vpnr.policyd.datapath")
 
 BPF_DIR = Path(os.environ.get("VPNR_BPF_DIR", Path(__file__).resolve().parents[2] / "bpf"))
 ENTRY_FILE = "xdp_rbac.c"
 ENTRY_FUNCTION = "xdp_rbac"
+STAGE_FUNCTIONS = ("xdp_rbac_rules",)  # index = VPNR_STAGE_* in bpf/lib/maps.h
+STAGES_PIN_PREFIX = "xdp_stages_"
 PROG_PIN = "xdp_rbac_prog"
 STAGING_PIN = "xdp_rbac_prog_staging"
 BUILD_TIMEOUT = 120.0
 STATS_PIN = "xdp_stats"
 LINK_PIN_PREFIX = "link_xdp_"
 
-# struct vpnr_stats_key / vpnr_counter / vpnr_settings in bpf/lib/maps.h
-STATS_KEY = struct.Struct("=IBBBB")
-COUNTER = struct.Struct("=QQ")
-BPF_MAP_TYPE_PERCPU_HASH = 5
-STATS_MAX_ENTRIES = 4096
+STATS_KEY = layout.STATS_KEY
+COUNTER = layout.COUNTER
+STATS_MAX_ENTRIES = layout.STATS_MAX_ENTRIES
 
 
 class DatapathError(Exception):
@@ -82,6 +86,7 @@ class XdpDatapath:
 
     pin_dir: Path
     interfaces: tuple[InterfaceConfig, ...]
+    ring_bytes: int = DEFAULT_RING_BYTES
     build_id: bytes = b""
     prog_fd: int = -1
     stats_fd: int = -1
@@ -92,7 +97,8 @@ class XdpDatapath:
 
     def cflags(self) -> list[str]:
         """Compiler flags; part of the build id."""
-        return [f'-DVPNR_PIN_DIR="{self.pin_dir}"', f"-I{BPF_DIR}"]
+        return [f'-DVPNR_PIN_DIR="{self.pin_dir}"', f"-DVPNR_AUDIT_RING_BYTES={self.ring_bytes}",
+                f"-I{BPF_DIR}"]
 
     def compute_build_id(self) -> bytes:
         """SHA-256 over the BPF sources, the flags and the kernel release."""
@@ -107,26 +113,57 @@ class XdpDatapath:
 
     def setup(self) -> None:
         """Adopt or build the program, then make every configured interface run it."""
+        self.prepare()
+        self.attach()
+
+    def prepare(self) -> None:
+        """Adopt the pinned program when its build id matches, else build it; nothing is
+        attached yet, so policyd can fill the maps before the first packet meets them."""
         if not Path("/sys/fs/bpf").is_mount():
             raise DatapathError("bpffs is not mounted at /sys/fs/bpf "
                                 "(mount -t bpf bpf /sys/fs/bpf; deploy/setup-host.sh does it)")
         self.pin_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.build_id = self.compute_build_id()
         pinned = self._open_pinned_program()
-        if pinned is not None and self._program_build_id(pinned) == self.build_id:
+        if (pinned is not None and self._program_build_id(pinned) == self.build_id
+                and self.stages_pin.exists()):
             self.prog_fd, self.adopted = pinned, True
             log.info("adopted pinned program", extra={"prog_id": self.prog_info().id})
         else:
             if pinned is not None:
                 os.close(pinned)
             self.prog_fd = self._build()
+        self.stats_fd = bpfsys.obj_get(str(self.pin_dir / STATS_PIN))
+
+    def attach(self) -> None:
+        """Make every configured interface run the program (atomic swap on upgrade)."""
         with IPRoute() as ipr:
             for iface in self.interfaces:
                 self._ensure_link(ipr, iface)
             self._detach_unconfigured()
         if not self.adopted:
             self._replace_pin(self.pin_dir / PROG_PIN, self.prog_fd)
-        self.stats_fd = bpfsys.obj_get(str(self.pin_dir / STATS_PIN))
+        current = self.stages_pin.name
+        for pin in self.pin_dir.glob(f"{STAGES_PIN_PREFIX}*"):
+            if pin.name != current:
+                pin.unlink()  # the replaced program's tail calls
+
+    @property
+    def stages_pin(self) -> Path:
+        """Where this build's tail-call array is pinned."""
+        return self.pin_dir / f"{STAGES_PIN_PREFIX}{self.build_id.hex()[:16]}"
+
+    def ifindexes(self) -> dict[str, int]:
+        """Configured interface name -> ifindex (in policyd's network namespace)."""
+        out = {}
+        with IPRoute() as ipr:
+            for iface in self.interfaces:
+                found = ipr.link_lookup(ifname=iface.name)
+                if not found:
+                    raise DatapathError(f"interface {iface.name!r} does not exist in this "
+                                        "network namespace (policyd.interfaces)")
+                out[iface.name] = int(found[0])
+        return out
 
     def _open_pinned_program(self) -> int | None:
         path = self.pin_dir / PROG_PIN
@@ -149,32 +186,20 @@ class XdpDatapath:
             os.close(fd)
         return SETTINGS.unpack(raw)[0] if raw else b""
 
-    def _check_pinned_maps(self) -> None:
-        """bcc reuses a pinned map without checking it: refuse one of the wrong shape."""
-        path = self.pin_dir / STATS_PIN
-        if not path.exists():
-            return
-        fd = bpfsys.obj_get(str(path))
-        try:
-            info = bpfsys.map_info(fd)
-        finally:
-            os.close(fd)
-        expected = (BPF_MAP_TYPE_PERCPU_HASH, STATS_KEY.size, COUNTER.size, STATS_MAX_ENTRIES)
-        if (info.map_type, info.key_size, info.value_size, info.max_entries) != expected:
-            log.warning("pinned stats map has another layout; replacing it (counters restart)",
-                        extra={"found": [info.map_type, info.key_size, info.value_size,
-                                         info.max_entries]})
-            path.unlink()
-
     def _build(self) -> int:
         """Compile and load in a child process (see build.py); returns our program fd."""
-        self._check_pinned_maps()
+        check_pinned(self.pin_dir, self.ring_bytes)
         staging = self.pin_dir / STAGING_PIN
+        with contextlib.suppress(FileNotFoundError):
+            self.stages_pin.unlink()
         with contextlib.suppress(FileNotFoundError):
             staging.unlink()
         argv = [sys.executable, "-m", "vpnr.policyd.build", "--source",
                 str(BPF_DIR / ENTRY_FILE), "--function", ENTRY_FUNCTION,
-                "--build-id", self.build_id.hex(), "--staging", str(staging)]
+                "--build-id", self.build_id.hex(), "--staging", str(staging),
+                "--stages", str(self.stages_pin)]
+        for name in STAGE_FUNCTIONS:
+            argv.append(f"--stage-function={name}")
         for flag in self.cflags():
             argv.append(f"--cflag={flag}")
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=BUILD_TIMEOUT,

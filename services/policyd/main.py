@@ -3,60 +3,89 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import cast
 
 import grpc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from vpnr.core.daemon import Context, DaemonApp, Runtime, StartupError, run_daemon
-from vpnr.policyd.datapath import STATS_MAX_ENTRIES, DatapathError, XdpDatapath
-from vpnr.v1 import codes_pb2, common_pb2, policy_pb2, policy_pb2_grpc
+from vpnr.core import bpfsys
+from vpnr.core.client import socket_target
+from vpnr.core.daemon import DaemonApp, Runtime, StartupError, run_daemon
+from vpnr.policyd import convert, layout, testrun
+from vpnr.policyd.datapath import DatapathError, XdpDatapath
+from vpnr.policyd.engine import Change, PolicyEngine
+from vpnr.policyd.kernel import KernelMapError, PolicyMaps
+from vpnr.policyd.model import IPNetwork, PolicyError
+from vpnr.policyd.service import PolicyServicer, protocol_number
+from vpnr.policyd.store import PolicyStore, StoreError
+from vpnr.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    codes_pb2,
+    common_pb2,
+    policy_pb2,
+    policy_pb2_grpc,
+)
 
 log = logging.getLogger("vpnr.policyd")
 
 FILL_WARNING_RATIO = 0.8
 ZONES = {"internal": codes_pb2.ZONE_INTERNAL, "external": codes_pb2.ZONE_EXTERNAL}
-
-
-class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
-    """Thin gRPC layer over policyd's data path."""
-
-    def __init__(self, app: Policyd) -> None:
-        self.app = app
-
-    async def Status(self, request: policy_pb2.PolicyStatusRequest,
-                     context: Context) -> policy_pb2.PolicyStatus:
-        return await asyncio.to_thread(self.app.status)
+BYPASS_FLAGS = {"arp": 1 << 1, "dhcp": 1 << 2, "nd": 1 << 3, "tunnel": 1 << 4}
+EXPIRY_INTERVAL = 1.0
+TOP_TALKERS = 10
 
 
 class XdpCollector(Collector):
-    """Prometheus view of the per-CPU verdict counters, read at scrape time."""
+    """Prometheus view of the kernel counters, read at scrape time."""
 
     def __init__(self, app: Policyd) -> None:
         self.app = app
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        """Yield packets/bytes by interface, verdict and reason, and the map fill."""
+        """Packets/bytes by interface, verdict and reason; map fill; audit losses; top
+        talkers by binding and traffic by role."""
         labels = ["interface", "verdict", "reason", "ip_version", "ip_protocol"]
         packets = CounterMetricFamily("vpnr_xdp_packets", "Packets seen by the XDP program",
                                       labels=labels)
         nbytes = CounterMetricFamily("vpnr_xdp_bytes", "Bytes seen by the XDP program",
                                      labels=labels)
         names = {a.ifindex: name for name, a in self.app.datapath.attached.items()}
-        rows = self.app.datapath.counters()
-        for row in rows:
+        for row in self.app.datapath.counters():
             values = [names.get(row.ifindex, str(row.ifindex)),
                       codes_pb2.Verdict.Name(row.verdict), codes_pb2.Reason.Name(row.reason),
                       str(row.ip_version), str(row.ip_protocol)]
             packets.add_metric(values, row.packets)
             nbytes.add_metric(values, row.bytes)
+        yield from (packets, nbytes)
         fill = GaugeMetricFamily("vpnr_map_fill_ratio", "Entries over max_entries per map",
                                  labels=["map"])
-        fill.add_metric(["xdp_stats"], len(rows) / STATS_MAX_ENTRIES)  # one row per entry
-        yield from (packets, nbytes, fill)
+        for m in self.app.map_fill():
+            fill.add_metric([m.name], m.fill_ratio)
+        yield fill
+        lost = CounterMetricFamily("vpnr_audit_events", "Audit events by outcome in the kernel",
+                                   labels=["outcome"])
+        outcomes = ("lost_reserve", "lost_rate_limit", "sampled_out", "emitted")
+        for outcome, value in zip(outcomes, self.app.maps.audit_lost(), strict=True):
+            lost.add_metric([outcome], value)
+        yield lost
+        version = GaugeMetricFamily("vpnr_policy_version", "Version of the policy in force")
+        version.add_metric([], self.app.engine.version)
+        yield version
+        talkers = CounterMetricFamily("vpnr_identity_bytes",
+                                      "Bytes by binding (top talkers) and by role",
+                                      labels=["kind", "name", "verdict", "direction"])
+        for kind, name, traffic in self.app.top_traffic():
+            for d, direction in enumerate(("outbound", "inbound")):
+                talkers.add_metric([kind, name, "allow", direction], traffic[4 + d * 2])
+                talkers.add_metric([kind, name, "deny", direction], traffic[4 + d * 2 + 1])
+        yield talkers
 
 
 class Policyd(DaemonApp):
@@ -67,23 +96,174 @@ class Policyd(DaemonApp):
 
     def __init__(self, runtime: Runtime) -> None:
         super().__init__(runtime)
-        self.datapath = XdpDatapath(self.config.router.pin_dir, self.config.policyd.interfaces)
+        cfg = self.config.policyd
+        self.datapath = XdpDatapath(self.config.router.pin_dir, cfg.interfaces,
+                                    ring_bytes=cfg.audit_ring_mib << 20)
+        self._maps: PolicyMaps | None = None
+        self._engine: PolicyEngine | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._audit_channel: grpc.aio.Channel | None = None
+
+    @property
+    def maps(self) -> PolicyMaps:
+        """The pinned maps (open once started)."""
+        assert self._maps is not None
+        return self._maps
+
+    @property
+    def engine(self) -> PolicyEngine:
+        """The policy engine (exists once started)."""
+        assert self._engine is not None
+        return self._engine
 
     async def start(self) -> None:
-        """Adopt the pinned program or build and attach it (compiling off the event loop)."""
+        """Adopt or build the program, bring the maps to the stored policy, then attach:
+        the first packet on an interface already meets the full policy."""
+        cfg = self.config.policyd
         try:
-            await asyncio.to_thread(self.datapath.setup)
-        except DatapathError as exc:
+            await asyncio.to_thread(self.datapath.prepare)
+            self._maps = PolicyMaps(self.config.router.pin_dir, cfg.audit_ring_mib << 20)
+            database = Path(cfg.database)
+            if not database.is_absolute():
+                database = self.config.router.state_path / database
+            store = await PolicyStore.open(database)
+            self._engine = PolicyEngine(self._maps, store)
+            await self._engine.start()
+            ifindexes = await asyncio.to_thread(self.datapath.ifindexes)
+            self._maps.write_interfaces({ifindexes[i.name]: ZONES[i.zone]
+                                         for i in cfg.interfaces})
+            self._maps.write_config(self._config_value())
+            await asyncio.to_thread(self.datapath.attach)
+        except (DatapathError, KernelMapError, StoreError, PolicyError) as exc:
             raise StartupError(str(exc)) from exc
         self.runtime.registry.register(XdpCollector(self))
+        self._tasks.append(asyncio.create_task(self._expire_bindings()))
+
+    def _config_value(self) -> bytes:
+        cfg = self.config.policyd
+        flags = layout.CFG_MONITOR if cfg.mode == "monitor" else 0
+        for name in cfg.infra_bypass:
+            flags |= BYPASS_FLAGS[name]
+        cpus = bpfsys.possible_cpus()
+        # Each CPU keeps its own bucket: give each its share of the rate and burst.
+        rate = max(1, cfg.audit_events_per_second // cpus)
+        burst = max(1, cfg.audit_burst // cpus)
+        return layout.CONFIG.pack(flags, cfg.audit_allow_sample, rate, burst,
+                                  self.config.tunneld.listen_port, 0, 0)
 
     async def stop(self) -> None:
-        """Close fds; the program stays attached and the maps stay pinned."""
+        """Close fds and the store; the program stays attached and the maps stay pinned."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._audit_channel is not None:
+            await self._audit_channel.close()
+        if self._engine is not None:
+            await self._engine.store.close()
+        if self._maps is not None:
+            self._maps.close()
         self.datapath.close()
 
     def register(self, server: grpc.aio.Server) -> None:
         """Add the PolicyService servicer."""
         policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(self), server)
+
+    async def _expire_bindings(self) -> None:
+        """Remove bindings whose expiry passed (a login that was not renewed)."""
+        while True:
+            await asyncio.sleep(EXPIRY_INTERVAL)
+            for net in self.engine.expired():
+                try:
+                    change = await self.engine.delete_binding(net)
+                except PolicyError:
+                    continue  # removed meanwhile
+                log.info("binding expired", extra={"prefix": str(net),
+                                                   "version": change.version})
+                self.record("policy.binding_expired", change, str(net))
+
+    # -- control-plane audit ------------------------------------------------------
+
+    def record(self, action: str, change: Change, reason: str) -> None:
+        """Send a control-plane audit record to auditd (best effort, never blocks)."""
+        detail = {"reason": reason,
+                  "bindings_added": len(change.diff.bindings_added),
+                  "bindings_removed": len(change.diff.bindings_removed),
+                  "bindings_changed": len(change.diff.bindings_changed),
+                  "roles_changed": list(change.diff.roles_changed)[:20]}
+        event = audit_pb2.ControlEvent(daemon=self.name, action=action, actor="policyd-api",
+                                       version_before=change.diff.from_version,
+                                       version_after=change.version,
+                                       detail_json=json.dumps(detail), success=True)
+        log.info("policy changed", extra={"action": action, "version": change.version})
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self._tasks.append(asyncio.create_task(self._send_record(event)))
+
+    async def _send_record(self, event: audit_pb2.ControlEvent) -> None:
+        path = self.config.router.socket_path("auditd")
+        if not path.exists():
+            return
+        if self._audit_channel is None:
+            self._audit_channel = grpc.aio.insecure_channel(socket_target(path))
+        try:
+            await audit_pb2_grpc.AuditServiceStub(self._audit_channel).Record(
+                audit_pb2.RecordRequest(event=event), timeout=2)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("auditd did not take a control record",
+                        extra={"code": exc.code().name})
+
+    # -- reading ------------------------------------------------------------------
+
+    def map_fill(self) -> list[policy_pb2.MapFill]:
+        """Fill level of every map that can fill up."""
+        engine, maps = self.engine, self.maps
+        live = engine.live
+        rows = [
+            ("xdp_stats", len(self.datapath.counters()), layout.STATS_MAX_ENTRIES),
+            ("src4_bindings", len(maps.mirrors[0].src4 or {}) + len(maps.mirrors[1].src4 or {}),
+             2 * layout.MAX_BINDINGS),
+            ("src6_bindings", len(maps.mirrors[0].src6 or {}) + len(maps.mirrors[1].src6 or {}),
+             2 * layout.MAX_BINDINGS),
+            ("rule_buckets", len(maps.mirrors[0].buckets or {})
+             + len(maps.mirrors[1].buckets or {}), layout.MAX_BUCKETS),
+            ("rule_table", len(live.rules) if live else 0, layout.RULE_TABLE_HALF),
+            ("rolesets", len(engine.ids.rolesets), layout.MAX_ROLESETS),
+            ("roles", len(engine.ids.roles), layout.MAX_ROLES),
+        ]
+        return [policy_pb2.MapFill(name=n, entries=e, max_entries=m, fill_ratio=e / m)
+                for n, e, m in rows]
+
+    def binding_with_traffic(self, net: IPNetwork) -> policy_pb2.Binding:
+        """A binding and its traffic counters."""
+        policy = self.engine.policy
+        msg = convert.binding_to_proto(net, policy.bindings[net], convert.meta_of(policy, net))
+        binding_id = self.engine.ids.bindings.get(net)
+        if binding_id:
+            msg.traffic.CopyFrom(_traffic_message(self.maps.traffic("binding_traffic",
+                                                                    binding_id)))
+        return msg
+
+    def role_traffic(self) -> dict[str, list[int]]:
+        """Traffic per role: the sum over the role sets that contain it."""
+        names = {v: k for k, v in self.engine.ids.roles.items()}
+        totals: dict[str, list[int]] = {}
+        for roles, roleset_id in self.engine.ids.rolesets.items():
+            row = self.maps.traffic("roleset_traffic", roleset_id)
+            for role_id in roles:
+                acc = totals.setdefault(names.get(role_id, str(role_id)), [0] * 8)
+                for i, v in enumerate(row):
+                    acc[i] += v
+        return totals
+
+    def top_traffic(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """("binding", prefix, row) for the top talkers and ("role", name, row) for all."""
+        rows = [(str(net), self.maps.traffic("binding_traffic", bid))
+                for net, bid in self.engine.ids.bindings.items()]
+        rows.sort(key=lambda r: -sum(r[1][4:]))
+        out = [("binding", name, row) for name, row in rows[:TOP_TALKERS] if sum(row[4:])]
+        out.extend(("role", name, tuple(row)) for name, row in sorted(self.role_traffic().items()))
+        return out
 
     def status(self) -> policy_pb2.PolicyStatus:
         """Build the Status answer from the kernel's current state."""
@@ -101,18 +281,110 @@ class Policyd(DaemonApp):
                     reason=cast(codes_pb2.Reason, row.reason), packets=row.packets,
                     bytes=row.bytes, ip_version=row.ip_version, ip_protocol=row.ip_protocol)
                     for row in counters if row.ifindex == attached.ifindex]))
-        fill = len(counters)  # one row per map entry: no second walk of the map
-        maps = [policy_pb2.MapFill(name="xdp_stats", entries=fill, max_entries=STATS_MAX_ENTRIES,
-                                   fill_ratio=fill / STATS_MAX_ENTRIES)]
+        maps = self.map_fill()
         warnings = [common_pb2.Warning(code="MAP_FILL", message=f"{m.name} is "
                                        f"{m.fill_ratio:.0%} full")
                     for m in maps if m.fill_ratio > FILL_WARNING_RATIO]
+        slot, kernel_version = self.maps.active()
+        if kernel_version != self.engine.version:
+            warnings.append(common_pb2.Warning(
+                code="POLICY_VERSION", message=f"kernel runs version {kernel_version}, "
+                                               f"stored is {self.engine.version}"))
+        if self.config.policyd.mode == "monitor":
+            warnings.append(common_pb2.Warning(code="MONITOR_MODE",
+                                               message="policy is not enforced (monitor)"))
+        lost = self.maps.audit_lost()
+        top = [policy_pb2.IdentityTraffic(kind=kind, name=name,
+                                          traffic=_traffic_message(row))
+               for kind, name, row in self.top_traffic()]
         return policy_pb2.PolicyStatus(
-            daemon=self.runtime.daemon_info(), interfaces=interfaces, maps=maps,
-            warnings=warnings, program_tag=info.tag, build_id=datapath.build_id.hex(),
-            adopted=datapath.adopted, pin_dir=str(datapath.pin_dir))
+            daemon=self.runtime.daemon_info(), policy_version=self.engine.version,
+            interfaces=interfaces, maps=maps, warnings=warnings, program_tag=info.tag,
+            build_id=datapath.build_id.hex(), adopted=datapath.adopted,
+            pin_dir=str(datapath.pin_dir), mode=self.config.policyd.mode,
+            kernel_policy_version=kernel_version, active_slot=slot,
+            audit_lost_reserve=lost[layout.AUDIT_LOST_RESERVE],
+            audit_lost_rate_limit=lost[layout.AUDIT_LOST_RATE_LIMIT],
+            audit_emitted=lost[layout.AUDIT_EMITTED], policy_adopted=self.engine.adopted,
+            top_traffic=top)
+
+    # -- test / explain -----------------------------------------------------------
+
+    def test_decision(self, request: policy_pb2.TestDecisionRequest) -> policy_pb2.Decision:
+        """Run the live program on a crafted (or given) frame and explain the result."""
+        attached = self.datapath.attached
+        if request.interface:
+            if request.interface not in attached:
+                raise PolicyError("interface", f"{request.interface!r} is not a policyd "
+                                               f"interface ({', '.join(attached)})")
+            iface = attached[request.interface]
+        else:
+            iface = next(iter(attached.values()))
+        if request.raw_frame:
+            if len(request.raw_frame) < 14 or len(request.raw_frame) > 9000:
+                raise PolicyError("raw_frame", "an Ethernet frame of 14-9000 bytes")
+            frame = request.raw_frame
+        else:
+            src = convert.parse_address("src", request.src)
+            dst = convert.parse_address("dst", request.dst)
+            if src.version != dst.version:
+                raise PolicyError("dst", "src and dst are of different IP versions")
+            for field, port in (("src_port", request.src_port), ("dst_port", request.dst_port)):
+                if port > 65535:
+                    raise PolicyError(field, f"a port 0-65535, got {port}")
+            if request.icmp_type > 255:
+                raise PolicyError("icmp_type", f"0-255, got {request.icmp_type}")
+            probe = testrun.Probe(src, dst, protocol_number(request.protocol),
+                                  request.src_port or 40000, request.dst_port,
+                                  request.icmp_type or (8 if src.version == 4 else 128),
+                                  request.fragment)
+            frame = testrun.build_frame(probe)
+        trace = testrun.run(self.datapath.prog_fd, frame, iface.ifindex)
+        return self._explain(trace)
+
+    def _explain(self, trace: testrun.Trace) -> policy_pb2.Decision:
+        engine = self.engine
+        role_names = {v: k for k, v in engine.ids.roles.items()}
+        roles = [role_names.get(r, f"#{r}") for r in
+                 (self.maps.roleset(trace.slot, trace.roleset_id) if trace.has_binding else ())]
+        decision = policy_pb2.Decision(
+            verdict=cast(codes_pb2.Verdict, trace.verdict),
+            reason=cast(codes_pb2.Reason, trace.reason), roles=roles,
+            src_zone=cast(codes_pb2.Zone, trace.src_zone),
+            dst_zone=cast(codes_pb2.Zone, trace.dst_zone),
+            program_id=self.datapath.prog_info().id, duration_ns=trace.duration_ns,
+            policy_version=trace.version)
+        rule = None
+        if trace.rule_id:
+            for rules in engine.policy.roles.values():
+                for candidate in rules:
+                    if candidate.id == trace.rule_id:
+                        rule = candidate
+            if rule is not None:
+                decision.matched_rule.CopyFrom(convert.rule_to_proto(rule))
+        verdict = codes_pb2.Verdict.Name(trace.verdict).removeprefix("VERDICT_")
+        reason = codes_pb2.Reason.Name(trace.reason).removeprefix("REASON_").lower()
+        if rule is not None:
+            what = (f"rule {rule.id} of role {rule.role} (priority {rule.priority}, "
+                    f"{rule.action.name.lower()})")
+        elif trace.has_binding:
+            what = f"roles {', '.join(roles)}: no rule matched"
+        else:
+            what = "no binding for the source"
+        decision.explanation = f"{verdict} ({reason}): {what}; policy version {trace.version}"
+        return decision
+
+
+def _traffic_message(row: tuple[int, ...]) -> policy_pb2.TrafficCounters:
+    """Counters in struct vpnr_traffic order: packets then bytes, [direction][verdict]."""
+    return policy_pb2.TrafficCounters(
+        outbound_allowed_packets=row[0], outbound_denied_packets=row[1],
+        inbound_allowed_packets=row[2], inbound_denied_packets=row[3],
+        outbound_allowed_bytes=row[4], outbound_denied_bytes=row[5],
+        inbound_allowed_bytes=row[6], inbound_denied_bytes=row[7])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point."""
     return run_daemon(Policyd, argv)
+

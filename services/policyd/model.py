@@ -61,6 +61,7 @@ class Rule:
     dst_prefix: IPNetwork | None = None
     dst_port_from: int = 0
     dst_port_to: int = 0
+    description: str = field(default="", compare=False)
 
     @property
     def has_ports(self) -> bool:
@@ -92,13 +93,47 @@ class Rule:
 
 @dataclass(frozen=True)
 class Packet:
-    """The fields of a packet the policy looks at."""
+    """The fields of an IP packet the policy looks at."""
 
     src: IPAddress
     dst: IPAddress
     protocol: int
     dst_port: int = 0
     fragment: bool = False  # a non-first fragment: it carries no ports
+    src_port: int = 0
+    icmp_type: int | None = None  # set for ICMP/ICMPv6 with a parsed header
+    hop_limit: int = 64
+
+
+class Bypass(IntEnum):
+    """Infrastructure traffic that passes without roles (bits as in bpf/lib/maps.h)."""
+
+    ARP = 1 << 1
+    DHCP = 1 << 2
+    ND = 1 << 3
+    TUNNEL = 1 << 4
+
+
+ALL_BYPASS = frozenset(Bypass)
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where a packet arrived and how the router is configured around the policy."""
+
+    interface_zone: int = codes_pb2.ZONE_INTERNAL
+    bypass: frozenset[Bypass] = ALL_BYPASS
+    tunnel_port: int = 51820
+    tunnel_socket_bound: bool = False
+
+
+@dataclass(frozen=True)
+class BindingMeta:
+    """Who owns a binding; not part of the decision."""
+
+    source: str = "admin"
+    subject: str = ""
+    expires_at: float | None = None  # Unix time; None: no expiry
 
 
 @dataclass(frozen=True)
@@ -109,14 +144,21 @@ class Decision:
     reason: int
     roles: tuple[str, ...] = ()
     rule: Rule | None = None
+    src_zone: int = codes_pb2.ZONE_UNSPECIFIED
+    dst_zone: int = codes_pb2.ZONE_UNSPECIFIED
 
 
 @dataclass
 class Policy:
-    """Roles (with their rules) and bindings (source prefix -> role names)."""
+    """Roles (with their rules), bindings (source prefix -> role names) and destination
+    zones; the descriptions and binding owners ride along but never change a decision."""
 
     roles: dict[str, list[Rule]] = field(default_factory=dict)
     bindings: dict[IPNetwork, tuple[str, ...]] = field(default_factory=dict)
+    zones: dict[IPNetwork, int] = field(default_factory=dict)
+    role_descriptions: dict[str, str] = field(default_factory=dict)
+    binding_meta: dict[IPNetwork, BindingMeta] = field(default_factory=dict)
+    zone_descriptions: dict[IPNetwork, str] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Check limits, names and references; raise PolicyError on the first problem."""
@@ -141,9 +183,25 @@ class Policy:
             if len(roles) > MAX_ROLES_PER_BINDING:
                 raise PolicyError(f"{where}.roles",
                                   f"{len(roles)} roles, at most {MAX_ROLES_PER_BINDING}")
+            if len(set(roles)) != len(roles):
+                raise PolicyError(f"{where}.roles", "a role is listed twice")
             for role in roles:
                 if role not in self.roles:
                     raise PolicyError(f"{where}.roles", f"unknown role {role!r}")
+        for prefix, zone in self.zones.items():
+            if zone not in (codes_pb2.ZONE_INTERNAL, codes_pb2.ZONE_VPN,
+                            codes_pb2.ZONE_EXTERNAL):
+                raise PolicyError(f"zones[{prefix}].zone",
+                                  "expected internal, vpn or external")
+
+    def zone_of(self, address: IPAddress) -> int:
+        """Zone of the most specific zone prefix covering ``address``; EXTERNAL if none."""
+        best: IPNetwork | None = None
+        for prefix in self.zones:
+            if prefix.version == address.version and address in prefix and (
+                    best is None or prefix.prefixlen > best.prefixlen):
+                best = prefix
+        return codes_pb2.ZONE_EXTERNAL if best is None else self.zones[best]
 
     def roles_of(self, address: IPAddress) -> tuple[str, ...] | None:
         """Roles of the most specific binding covering ``address`` (None: no binding)."""
@@ -170,17 +228,64 @@ def rule_matches(rule: Rule, packet: Packet) -> bool:
     return True
 
 
-def evaluate(policy: Policy, packet: Packet) -> Decision:
-    """Deny wins, then allow, else default deny; report the first rule of the winner."""
+def is_infrastructure(packet: Packet, ctx: Context) -> bool:
+    """The configured bypass: DHCP, ICMPv6 neighbour discovery, the tunnel port on WAN."""
+    if packet.fragment:
+        return False
+    if Bypass.DHCP in ctx.bypass and packet.protocol == codes_pb2.PROTOCOL_UDP:
+        ports = (packet.src_port, packet.dst_port)
+        if packet.src.version == 4 and ports in ((68, 67), (67, 68)):
+            return True
+        if packet.src.version == 6 and ports in ((546, 547), (547, 546)):
+            return True
+    # RFC 4861: neighbour discovery is valid only with hop limit 255 (never routed).
+    if (Bypass.ND in ctx.bypass and packet.protocol == codes_pb2.PROTOCOL_ICMPV6
+            and packet.icmp_type is not None and 133 <= packet.icmp_type <= 137
+            and packet.hop_limit == 255):
+        return True
+    return (Bypass.TUNNEL in ctx.bypass and ctx.interface_zone == codes_pb2.ZONE_EXTERNAL
+            and packet.protocol == codes_pb2.PROTOCOL_UDP and ctx.tunnel_port != 0
+            and packet.dst_port == ctx.tunnel_port)
+
+
+def evaluate(policy: Policy, packet: Packet, ctx: Context | None = None) -> Decision:
+    """Deny wins, then allow, else default deny; report the first rule of the winner.
+
+    Zones: the source zone is the zone of the interface the packet arrived on (an address
+    claims nothing); EXTERNAL -> INTERNAL is allowed only by an ALLOW rule that names a
+    destination prefix. An allowed packet to the VPN zone is redirected to tunneld, or
+    dropped while no tunnel socket is bound (fail closed).
+    """
+    ctx = ctx or Context()
+    if is_infrastructure(packet, ctx):
+        return Decision(codes_pb2.VERDICT_ALLOW, codes_pb2.REASON_INFRA_BYPASS,
+                        src_zone=ctx.interface_zone)
+    src_zone, dst_zone = ctx.interface_zone, policy.zone_of(packet.dst)
+    external_to_internal = (src_zone == codes_pb2.ZONE_EXTERNAL
+                            and dst_zone == codes_pb2.ZONE_INTERNAL)
     roles = policy.roles_of(packet.src)
     if roles is None:
-        return Decision(codes_pb2.VERDICT_DENY, codes_pb2.REASON_NO_ROLE)
+        reason = codes_pb2.REASON_ZONE_EXTERNAL if external_to_internal \
+            else codes_pb2.REASON_NO_ROLE
+        return Decision(codes_pb2.VERDICT_DENY, reason, (), None, src_zone, dst_zone)
     matching = [r for role in roles for r in policy.roles[role] if rule_matches(r, packet)]
-    for action, verdict, reason in (
-            (Action.DENY, codes_pb2.VERDICT_DENY, codes_pb2.REASON_RULE_DENY),
-            (Action.ALLOW, codes_pb2.VERDICT_ALLOW, codes_pb2.REASON_RULE_ALLOW)):
-        winners = [r for r in matching if r.action == action]
-        if winners:
-            first = min(winners, key=lambda r: (r.priority, r.id))
-            return Decision(verdict, reason, roles, first)
-    return Decision(codes_pb2.VERDICT_DENY, codes_pb2.REASON_DEFAULT_DENY, roles)
+    denies = [r for r in matching if r.action == Action.DENY]
+    if denies:
+        first = min(denies, key=lambda r: (r.priority, r.id))
+        return Decision(codes_pb2.VERDICT_DENY, codes_pb2.REASON_RULE_DENY, roles, first,
+                        src_zone, dst_zone)
+    allows = [r for r in matching if r.action == Action.ALLOW
+              and not (external_to_internal and r.dst_prefix is None)]
+    if allows:
+        first = min(allows, key=lambda r: (r.priority, r.id))
+        if dst_zone == codes_pb2.ZONE_VPN:
+            if ctx.tunnel_socket_bound:
+                return Decision(codes_pb2.VERDICT_REDIRECT, codes_pb2.REASON_TUNNEL_REDIRECT,
+                                roles, first, src_zone, dst_zone)
+            return Decision(codes_pb2.VERDICT_DENY, codes_pb2.REASON_TUNNEL_NO_SOCKET, roles,
+                            first, src_zone, dst_zone)
+        return Decision(codes_pb2.VERDICT_ALLOW, codes_pb2.REASON_RULE_ALLOW, roles, first,
+                        src_zone, dst_zone)
+    reason = codes_pb2.REASON_ZONE_EXTERNAL if external_to_internal \
+        else codes_pb2.REASON_DEFAULT_DENY
+    return Decision(codes_pb2.VERDICT_DENY, reason, roles, None, src_zone, dst_zone)
