@@ -12,9 +12,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 from vpnr.core.client import is_serving
+from vpnr.lab.lab import Lab
+from vpnr.lab.topology import LabSpec
+from vpnr.v1 import policy_pb2_grpc
 
 BIN = Path(sys.executable).parent
 READY_TIMEOUT = 30.0
@@ -114,3 +118,69 @@ def instance(tmp_path: Path) -> Iterator[str]:
         for pin in pins.iterdir():
             pin.unlink()
         pins.rmdir()
+
+
+@dataclass
+class RunningPolicyd:
+    """A real policyd serving in its own network namespace (interface lan0, zone internal;
+    wan0 with zone external when the fixture asks for it), and a stub on its socket."""
+
+    process: DaemonProcess
+    netns: str
+    instance: str
+    channel: grpc.Channel
+    stub: policy_pb2_grpc.PolicyServiceStub
+    config: Path
+
+    @property
+    def pin_dir(self) -> Path:
+        """The instance's pins."""
+        return Path("/sys/fs/bpf/vpnr") / self.instance
+
+    def restart(self, sig: int = signal.SIGTERM) -> None:
+        """Stop (by ``sig``) and start again, as an operator or a crash would."""
+        self.process.stop(sig)
+        self.channel.close()
+        self.process = DaemonProcess("policyd", self.config, self.process.run_dir,
+                                     self.instance, netns=self.netns).start()
+        self.channel = grpc.insecure_channel(f"unix:{self.process.socket}")
+        self.stub = policy_pb2_grpc.PolicyServiceStub(self.channel)
+
+
+@pytest.fixture
+def policyd(tmp_path: Path, netns: str, instance: str) -> Iterator[RunningPolicyd]:
+    """policyd on lan0 (internal) and wan0 (external) of a fresh namespace."""
+    for cmd in (["link", "add", "wan0", "type", "veth", "peer", "name", "wanpeer0"],
+                ["link", "set", "wan0", "up"], ["link", "set", "wanpeer0", "up"]):
+        subprocess.run(["ip", "-n", netns, *cmd], check=True)
+    config = tmp_path / "router.toml"
+    config.write_text(
+        "[router]\n"
+        f'instance = "{instance}"\n'
+        f'run_dir = "{tmp_path}/run"\n'
+        f'state_dir = "{tmp_path}/state"\n'
+        "[policyd]\n"
+        'interfaces = [{name = "lan0", zone = "internal"}, {name = "wan0", zone = "external"}]\n')
+    process = DaemonProcess("policyd", config, tmp_path / "run", instance, netns=netns).start()
+    channel = grpc.insecure_channel(f"unix:{process.socket}")
+    running = RunningPolicyd(process, netns, instance, channel,
+                             policy_pb2_grpc.PolicyServiceStub(channel), config)
+    try:
+        yield running
+    finally:
+        running.channel.close()
+        running.process.stop()
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """One two-site lab (3 hosts per site, real IdP) shared by the lab tests of a run."""
+    name = unique("l")
+    spec = LabSpec(name=name, instance_prefix=f"{name}-",
+                   base_dir=tmp_path_factory.mktemp("lab"), with_idp=True, hosts_per_site=3)
+    running = Lab(spec)
+    try:
+        running.up()
+        yield running
+    finally:
+        running.down()

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -23,19 +22,6 @@ from vpnr.lab.topology import DAEMONS, LabSpec
 from vpnr.v1 import idp_pb2, idp_pb2_grpc
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    name = unique("l")
-    spec = LabSpec(name=name, instance_prefix=f"{name}-",
-                   base_dir=tmp_path_factory.mktemp("lab"), with_idp=True)
-    lab = Lab(spec)
-    try:
-        lab.up()
-        yield lab
-    finally:
-        lab.down()
 
 
 def xdp_prog_ids(ns: str, ifname: str) -> dict[str, int]:
@@ -109,6 +95,7 @@ def test_policyd_kill9_restart_under_traffic(lab: Lab) -> None:
     assert sent == count and received == count  # nothing lost
     after_status = policy_status(lab.spec, site)
     assert after_status.adopted  # the restarted policyd adopted, did not rebuild
+    assert after_status.policy_adopted  # ... nor rewrote the policy maps
     iface = after_status.interfaces[0]
     assert iface.program_id == prog_id and iface.link_id == link_id
     assert icmp4_packets(after_status) - before == count  # counters continuous

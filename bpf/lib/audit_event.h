@@ -1,7 +1,7 @@
 /* The audit event: what the data path writes into the audit ring buffer for a decision.
  *
  * The one definition of the record. auditd decodes it with the struct in
- * services/core/audit_event.py; tests/test_struct_layout.py compiles this header and fails
+ * services/policyd/layout.py (AUDIT_EVENT, decode_audit_event); tests/test_struct_layout.py compiles this header and fails
  * if the two disagree on any size or offset. Append fields only; never reorder.
  */
 #ifndef VPNR_AUDIT_EVENT_H

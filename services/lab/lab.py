@@ -19,8 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vpnr.core.client import is_serving
+import grpc
+
+from vpnr.core.client import is_serving, socket_target
+from vpnr.lab.policy import site_policy
 from vpnr.lab.topology import DAEMONS, IDP_ADDRESS, IDP_PORT, LabSpec, Site
+from vpnr.v1 import policy_pb2, policy_pb2_grpc
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 IDP_DIR = REPO_ROOT / "deploy" / "idp"
@@ -111,9 +115,20 @@ class Lab:
             for site in self.spec.sites:
                 for daemon in DAEMONS:
                     self.wait_ready(site, daemon)
+            for site in self.spec.sites:
+                self.install_policy(site)
         except BaseException:
             self.down()
             raise
+
+    def install_policy(self, site: Site) -> int:
+        """Replace the site's policy by the lab policy; returns the new version."""
+        path = self.spec.run_dir / site.instance / "policyd.sock"
+        with grpc.insecure_channel(socket_target(path)) as channel:
+            reply = policy_pb2_grpc.PolicyServiceStub(channel).ReplacePolicy(
+                policy_pb2.ReplacePolicyRequest(policy=site_policy(self.spec, site),
+                                                reason="vpnr-lab up"), timeout=30)
+        return int(reply.version)
 
     def _add_ns(self, ns: str) -> None:
         self._record("namespaces", ns)

@@ -70,7 +70,7 @@ TRACE = struct.Struct("=IBBBBIIIHBBQ")         # struct vpnr_trace
 # struct vpnr_audit_event
 AUDIT_EVENT = struct.Struct(f"=QQ16s16sIIIIIHHH{MAX_ROLES_PER_EVENT}HBBBBBBBBBBH2x")
 
-# name -> (struct, C type) for the layout test
+# C struct name -> its Python layout, for tests/test_struct_layout.py
 C_STRUCTS: dict[str, struct.Struct] = {
     "vpnr_stats_key": STATS_KEY,
     "vpnr_counter": COUNTER,
@@ -102,3 +102,21 @@ def split_active(raw: bytes | None) -> tuple[int, int]:
         return 0, 0
     word = ACTIVE.unpack(raw)[0]
     return word & ACTIVE_SLOT, word >> ACTIVE_VERSION_SHIFT
+
+
+AUDIT_FIELDS = ("ktime_ns", "policy_version", "src", "dst", "ifindex", "rule_id",
+                "binding_id", "roleset_id", "pkt_len", "src_port", "dst_port", "rule_role")
+
+
+def decode_audit_event(raw: bytes) -> dict[str, object]:
+    """struct vpnr_audit_event as a dict (addresses as bytes; roles trimmed to role_count)."""
+    values = AUDIT_EVENT.unpack(raw[:AUDIT_EVENT.size])
+    event: dict[str, object] = dict(zip(AUDIT_FIELDS, values[:12], strict=True))
+    roles = values[12:12 + MAX_ROLES_PER_EVENT]
+    (role_count, ip_version, ip_protocol, verdict, reason, src_zone, dst_zone, source,
+     event_version, flags, icmp_type) = values[12 + MAX_ROLES_PER_EVENT:]
+    event.update(roles=tuple(roles[:role_count]), ip_version=ip_version,
+                 ip_protocol=ip_protocol, verdict=verdict, reason=reason, src_zone=src_zone,
+                 dst_zone=dst_zone, source=source, event_version=event_version, flags=flags,
+                 icmp_type=icmp_type)
+    return event

@@ -1,0 +1,60 @@
+"""The lab's starting policy for one site, as a PolicyDocument.
+
+Host 1 is an engineer (ICMP, SSH and the 5000-5999 service range on the router, DNS, and
+everything at the other site through the tunnel), host 2 is in sales (ICMP and DNS; SSH is
+explicitly denied), further hosts have no binding and are denied. The site's own LAN is the
+INTERNAL zone, the other site's LAN the VPN zone.
+"""
+
+from __future__ import annotations
+
+from vpnr.lab.topology import LabSpec, Site
+from vpnr.v1 import codes_pb2, policy_pb2
+
+ALLOW, DENY = policy_pb2.ACTION_ALLOW, policy_pb2.ACTION_DENY
+TCP, UDP = codes_pb2.PROTOCOL_TCP, codes_pb2.PROTOCOL_UDP
+ICMP, ICMPV6 = codes_pb2.PROTOCOL_ICMP, codes_pb2.PROTOCOL_ICMPV6
+SSH_PORT, DNS_PORT, SERVICE_PORTS = 22, 53, (5000, 5999)
+
+
+def _rule(rule_id: int, action: policy_pb2.Action,
+          protocol: codes_pb2.Protocol = codes_pb2.PROTOCOL_ANY,
+          dst: str = "", ports: tuple[int, int] = (0, 0), description: str = "",
+          priority: int = 10) -> policy_pb2.Rule:
+    return policy_pb2.Rule(id=rule_id, priority=priority, action=action, protocol=protocol,
+                           dst_prefix=dst, dst_port_from=ports[0], dst_port_to=ports[1],
+                           description=description)
+
+
+def site_policy(spec: LabSpec, site: Site) -> policy_pb2.PolicyDocument:
+    """Roles eng and sales, bindings for hosts 1 and 2, zones for both sites."""
+    other = next(s for s in spec.sites if s.letter != site.letter)
+    router4, router6 = f"{site.router_lan_v4}/32", f"{site.router_lan_v6}/128"
+    eng = policy_pb2.Role(name="eng", description="engineering", rules=[
+        _rule(10, ALLOW, ICMP, description="ping anything"),
+        _rule(11, ALLOW, ICMPV6, description="ping6 anything"),
+        _rule(12, ALLOW, TCP, router4, (SSH_PORT, SSH_PORT), "ssh to the router"),
+        _rule(13, ALLOW, TCP, router4, SERVICE_PORTS, "router services"),
+        _rule(14, ALLOW, UDP, router4, (DNS_PORT, DNS_PORT), "dns"),
+        _rule(15, ALLOW, TCP, router6, (SSH_PORT, SSH_PORT), "ssh to the router (v6)"),
+        _rule(16, ALLOW, dst=other.lan_v4, description="the other site"),
+        _rule(17, ALLOW, dst=other.lan_v6, description="the other site (v6)"),
+    ])
+    sales = policy_pb2.Role(name="sales", description="sales", rules=[
+        _rule(20, ALLOW, ICMP, description="ping anything"),
+        _rule(21, ALLOW, ICMPV6, description="ping6 anything"),
+        _rule(22, DENY, TCP, router4, (SSH_PORT, SSH_PORT), "no ssh", priority=0),
+        _rule(23, ALLOW, UDP, router4, (DNS_PORT, DNS_PORT), "dns"),
+    ])
+    bindings = []
+    for n, role in ((1, "eng"), (2, "sales")):
+        if n <= spec.hosts_per_site:
+            bindings.append(policy_pb2.Binding(prefix=f"{site.host_v4(n)}/32", roles=[role],
+                                               source="lab", subject=f"host{n}"))
+            bindings.append(policy_pb2.Binding(prefix=f"{site.host_v6(n)}/128", roles=[role],
+                                               source="lab", subject=f"host{n}"))
+    zones = [policy_pb2.ZoneAssignment(prefix=site.lan_v4, zone=codes_pb2.ZONE_INTERNAL),
+             policy_pb2.ZoneAssignment(prefix=site.lan_v6, zone=codes_pb2.ZONE_INTERNAL),
+             policy_pb2.ZoneAssignment(prefix=other.lan_v4, zone=codes_pb2.ZONE_VPN),
+             policy_pb2.ZoneAssignment(prefix=other.lan_v6, zone=codes_pb2.ZONE_VPN)]
+    return policy_pb2.PolicyDocument(roles=[eng, sales], bindings=bindings, zones=zones)
