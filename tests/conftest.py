@@ -21,7 +21,7 @@ from vpnr.lab.topology import LabSpec
 from vpnr.v1 import policy_pb2_grpc
 
 BIN = Path(sys.executable).parent
-READY_TIMEOUT = 30.0
+READY_TIMEOUT = 90.0  # bcc compiles the program at first start: slow on a loaded host
 
 
 def unique(prefix: str = "t") -> str:

@@ -1,5 +1,6 @@
-"""The live XDP program on crafted frames (BPF_PROG_TEST_RUN): what passes, what is dropped
-and with which reason, as counted in its pinned per-CPU map."""
+"""The live XDP program on crafted frames (BPF_PROG_TEST_RUN, no trace metadata, so they
+count like real traffic): what passes, what is dropped and with which reason, as counted
+in its pinned per-CPU map."""
 
 from __future__ import annotations
 
@@ -65,8 +66,9 @@ def counted(stats_fd: int) -> dict[tuple[int, int], int]:
 
 @pytest.mark.parametrize(("frame", "action", "verdict", "reason"), [
     (ARP, XDP_PASS, codes_pb2.VERDICT_ALLOW, codes_pb2.REASON_INFRA_BYPASS),
-    (ipv4(1, ICMP_ECHO), XDP_PASS, codes_pb2.VERDICT_ALLOW, codes_pb2.REASON_NOT_ENFORCED),
-    (VLAN_ICMP, XDP_PASS, codes_pb2.VERDICT_ALLOW, codes_pb2.REASON_NOT_ENFORCED),
+    # No policy installed: a source without a binding is denied (fail closed).
+    (ipv4(1, ICMP_ECHO), XDP_DROP, codes_pb2.VERDICT_DENY, codes_pb2.REASON_NO_ROLE),
+    (VLAN_ICMP, XDP_DROP, codes_pb2.VERDICT_DENY, codes_pb2.REASON_NO_ROLE),
     (LLDP, XDP_DROP, codes_pb2.VERDICT_DENY, codes_pb2.REASON_UNSUPPORTED_ETHERTYPE),
     (TRUNCATED_IPV4, XDP_DROP, codes_pb2.VERDICT_DENY, codes_pb2.REASON_MALFORMED_L3),
     (BAD_IHL, XDP_DROP, codes_pb2.VERDICT_DENY, codes_pb2.REASON_MALFORMED_L3),

@@ -28,7 +28,7 @@ from vpnr.v1 import policy_pb2, policy_pb2_grpc
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 IDP_DIR = REPO_ROOT / "deploy" / "idp"
-READY_TIMEOUT = 30.0
+READY_TIMEOUT = 90.0  # bcc compiles the program at first start: slow on a loaded host
 STOP_TIMEOUT = 10.0
 
 

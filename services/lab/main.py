@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ import grpc
 from vpnr.core.client import is_serving, socket_target
 from vpnr.lab.lab import Lab, LabError
 from vpnr.lab.topology import DAEMONS, LabSpec, Site
-from vpnr.v1 import idp_pb2, idp_pb2_grpc, policy_pb2, policy_pb2_grpc
+from vpnr.v1 import codes_pb2, idp_pb2, idp_pb2_grpc, policy_pb2, policy_pb2_grpc
 
 ICMP = 1
 
@@ -102,17 +103,9 @@ def demo(lab: Lab) -> int:
         status = policy_status(spec, site)
         iface = status.interfaces[0]
         print(f"   XDP program id {iface.program_id} ({iface.attach_mode}) on {iface.name}, "
-              f"{iface.instructions} instructions, adopted={status.adopted}")
-        before = icmp4_packets(status)
-        count = 5
-        ping = lab.host_run(site, 1, "ping", "-c", str(count), "-i", "0.2", "-W", "1",
-                            "-q", site.router_lan_v4)
-        summary = [ln for ln in ping.stdout.splitlines() if "transmitted" in ln]
-        print(f"   ping {site.host_v4(1)} -> {site.router_lan_v4}: "
-              f"{summary[0] if summary else ping.stderr.strip()}")
-        after = icmp4_packets(policy_status(spec, site))
-        print(f"   XDP counter for IPv4 ICMP on lan0: {before} -> {after} "
-              f"(+{after - before} for {count} echo requests)")
+              f"{iface.instructions} instructions, policy version {status.policy_version} "
+              f"({status.mode})")
+        show_traffic(lab, site)
         with grpc.insecure_channel(socket_target(spec.run_dir / site.instance
                                                  / "idpd.sock")) as channel:
             idp = idp_pb2_grpc.IdpServiceStub(channel).Status(idp_pb2.IdpStatusRequest(),
@@ -122,11 +115,38 @@ def demo(lab: Lab) -> int:
         else:
             print(f"   idpd: issuer {idp.issuer}, discovery "
                   f"{'ok' if idp.discovery_ok else 'FAILED: ' + idp.discovery_error}")
-    print("\nThe policy is not enforced yet: the program counts every packet "
-          "(reason NOT_ENFORCED).")
-    print(f"Inspect: vpnctl --instance {spec.sites[0].instance} status | "
+    print(f"\nInspect: vpnctl --instance {spec.sites[0].instance} status | "
           f"Tear down: vpnr-lab down --name {spec.name}")
     return 0
+
+
+def show_traffic(lab: Lab, site: Site) -> None:
+    """Real traffic from the site's hosts to its router, and what the kernel decided."""
+    spec = lab.spec
+    path = spec.run_dir / site.instance / "policyd.sock"
+    roles = {1: "eng", 2: "sales"}
+    with grpc.insecure_channel(socket_target(path)) as channel:
+        stub = policy_pb2_grpc.PolicyServiceStub(channel)
+        before = stub.Status(policy_pb2.PolicyStatusRequest(), timeout=5)
+        for n in range(1, spec.hosts_per_site + 1):
+            who = f"host{n} {site.host_v4(n)} ({roles.get(n, 'no binding')})"
+            ping = lab.host_run(site, n, "ping", "-c", "3", "-i", "0.2", "-W", "1", "-q",
+                                site.router_lan_v4)
+            received = re.search(r"(\d+) received", ping.stdout)
+            decision = stub.TestDecision(policy_pb2.TestDecisionRequest(
+                src=site.host_v4(n), dst=site.router_lan_v4, protocol=codes_pb2.PROTOCOL_ICMP,
+                interface="lan0"), timeout=5)
+            print(f"   ping {who} -> router: {received.group(1) if received else '?'}/3 "
+                  f"answered | kernel: {decision.explanation}")
+            ssh = stub.TestDecision(policy_pb2.TestDecisionRequest(
+                src=site.host_v4(n), dst=site.router_lan_v4, protocol=codes_pb2.PROTOCOL_TCP,
+                dst_port=22, interface="lan0"), timeout=5)
+            print(f"   ssh  {who} -> router: kernel: {ssh.explanation}")
+        after = stub.Status(policy_pb2.PolicyStatusRequest(), timeout=5)
+    emitted = after.audit_emitted - before.audit_emitted
+    print(f"   audit ring: +{emitted} events for the denied packets "
+          f"(lost: {after.audit_lost_reserve} ring full, "
+          f"{after.audit_lost_rate_limit} rate-limited)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
