@@ -132,3 +132,30 @@ def test_invalid_policy_names_the_field(make: object, field: str, words: str) ->
 def test_bad_prefix_names_the_field() -> None:
     with pytest.raises(PolicyError, match=r"^dst: expected a CIDR prefix, got '10.0.0.1/8'"):
         parse_prefix("dst", "10.0.0.1/8")
+
+
+def test_fast_prefix_parser_agrees_with_ipaddress() -> None:
+    import random
+
+    from vpnr.policyd.model import _network
+
+    rng = random.Random(20261121)  # noqa: S311 - reproducible test data, not secrets
+    cases = ["10.0.0.0/8", "10.0.0.1/8", "1.2.3.4/33", "01.2.3.4/32", "1.2.3.4/032", "::/0",
+             "fd00::1/128", "fd00::1/64", "1.2.3/24", "1.2.3.4/", "1.2.3.4", "256.1.1.1/32",
+             "::ffff:1.2.3.4/128", "fe80::1%eth0/128", "1.2.3.4/-1", "1.2.3.4/ 8",
+             "\u0661.2.3.4/32", "1.2.3.4/3\u0662"]
+    for _ in range(3000):
+        bits = rng.choice([32, 128])
+        address = ip_address(rng.getrandbits(bits)) if bits == 32 else \
+            ip_address(rng.getrandbits(bits).to_bytes(16, "big"))
+        cases.append(f"{address}/{rng.randint(0, bits)}")
+
+    def outcome(parse: object, text: str) -> object:
+        try:
+            return parse(text)  # type: ignore[operator]
+        except ValueError:
+            return "error"
+
+    mismatches = [c for c in cases if outcome(lambda t: ip_network(t, strict=True), c)
+                  != outcome(_network, c)]
+    assert not mismatches

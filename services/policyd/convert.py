@@ -6,6 +6,7 @@ Every error names the field of the request it comes from, e.g.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Iterable
 from typing import cast
@@ -15,6 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from vpnr.core.daemon import unix_timestamp
 from vpnr.policyd.compiler import Ids
 from vpnr.policyd.model import (
+    ROLE_NAME_RE,
     Action,
     BindingMeta,
     IPNetwork,
@@ -58,7 +60,8 @@ def rule_from_proto(msg: policy_pb2.Rule, where: str, role: str | None = None) -
         dst_prefix=parse_prefix(f"{where}.dst_prefix", msg.dst_prefix),
         dst_port_from=msg.dst_port_from, dst_port_to=msg.dst_port_to,
         description=_text(f"{where}.description", msg.description))
-    rule.validate(where)
+    # id 0 asks for a server-assigned id (assign_rule_ids); check the rest meanwhile.
+    (rule if rule.id else dataclasses.replace(rule, id=1)).validate(where)
     return rule
 
 
@@ -108,6 +111,9 @@ def policy_from_document(doc: policy_pb2.PolicyDocument, where: str = "policy") 
     policy = Policy()
     for i, role in enumerate(doc.roles):
         rwhere = f"{where}.roles[{i}]"
+        if not ROLE_NAME_RE.fullmatch(role.name):
+            raise PolicyError(f"{rwhere}.name", "expected a-z, 0-9 and _.:- (up to 63), "
+                                                f"starting alnum, got {role.name!r}")
         if role.name in policy.roles:
             raise PolicyError(f"{rwhere}.name", f"role {role.name!r} is defined twice")
         rules = [rule_from_proto(r, f"{rwhere}.rules[{j}]", role.name)
@@ -195,17 +201,19 @@ def copy_policy(policy: Policy) -> Policy:
 
 
 def diff(old: Policy, new: Policy, from_version: int, to_version: int) -> policy_pb2.PolicyDiff:
-    """What changed between two policies."""
+    """What changed between two policies (only the changes are sorted: cheap when few)."""
     out = policy_pb2.PolicyDiff(from_version=from_version, to_version=to_version)
-    for net in sorted(new.bindings.keys() - old.bindings.keys(), key=net_order):
-        out.bindings_added.append(binding_to_proto(net, new.bindings[net], meta_of(new, net)))
-    for net in sorted(old.bindings.keys() - new.bindings.keys(), key=net_order):
-        out.bindings_removed.append(binding_to_proto(net, old.bindings[net], meta_of(old, net)))
-    for net in sorted(old.bindings.keys() & new.bindings.keys(), key=net_order):
-        if (old.bindings[net] != new.bindings[net]
-                or meta_of(old, net) != meta_of(new, net)):
-            out.bindings_changed.append(binding_to_proto(net, new.bindings[net],
-                                                         meta_of(new, net)))
+    old_b, new_b = old.bindings, new.bindings
+    added = [n for n in new_b if n not in old_b]
+    removed = [n for n in old_b if n not in new_b]
+    changed = [n for n, roles in new_b.items() if n in old_b and (
+        old_b[n] != roles or meta_of(old, n) != meta_of(new, n))]
+    for net in sorted(added, key=net_order):
+        out.bindings_added.append(binding_to_proto(net, new_b[net], meta_of(new, net)))
+    for net in sorted(removed, key=net_order):
+        out.bindings_removed.append(binding_to_proto(net, old_b[net], meta_of(old, net)))
+    for net in sorted(changed, key=net_order):
+        out.bindings_changed.append(binding_to_proto(net, new_b[net], meta_of(new, net)))
     out.roles_added.extend(sorted(new.roles.keys() - old.roles.keys()))
     out.roles_removed.extend(sorted(old.roles.keys() - new.roles.keys()))
     out.roles_changed.extend(sorted(
