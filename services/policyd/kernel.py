@@ -291,6 +291,19 @@ class PolicyMaps:
                 totals[i] += v
         return tuple(totals)
 
+    def all_traffic(self, name: str) -> list[tuple[int, ...]]:
+        """Every accounting row of a map, summed over CPUs, indexed by id."""
+        max_entries = expected_maps(0)[name][3]
+        out = []
+        for per_cpu in bpfsys.percpu_array_rows(self.fds[name], layout.TRAFFIC.size,
+                                                max_entries):
+            totals = [0] * 8
+            for raw in per_cpu:
+                for i, v in enumerate(layout.TRAFFIC.unpack(raw)):
+                    totals[i] += v
+            out.append(tuple(totals))
+        return out
+
     def clear_traffic(self, name: str, index: int) -> None:
         """Zero an accounting row (an id handed to a new identity)."""
         zero = bytes(((layout.TRAFFIC.size + 7) & ~7) * bpfsys.possible_cpus())

@@ -246,10 +246,12 @@ class Policyd(DaemonApp):
 
     def role_traffic(self) -> dict[str, list[int]]:
         """Traffic per role: the sum over the role sets that contain it."""
-        names = {v: k for k, v in self.engine.ids.roles.items()}
+        ids = self.engine.ids.copy()  # the engine may change them meanwhile
+        names = {v: k for k, v in ids.roles.items()}
+        rows = self.maps.all_traffic("roleset_traffic")
         totals: dict[str, list[int]] = {}
-        for roles, roleset_id in self.engine.ids.rolesets.items():
-            row = self.maps.traffic("roleset_traffic", roleset_id)
+        for roles, roleset_id in ids.rolesets.items():
+            row = rows[roleset_id] if roleset_id < len(rows) else (0,) * 8
             for role_id in roles:
                 acc = totals.setdefault(names.get(role_id, str(role_id)), [0] * 8)
                 for i, v in enumerate(row):
@@ -258,9 +260,11 @@ class Policyd(DaemonApp):
 
     def top_traffic(self) -> list[tuple[str, str, tuple[int, ...]]]:
         """("binding", prefix, row) for the top talkers and ("role", name, row) for all."""
-        rows = [(str(net), self.maps.traffic("binding_traffic", bid))
-                for net, bid in self.engine.ids.bindings.items()]
-        rows.sort(key=lambda r: -sum(r[1][4:]))
+        traffic = self.maps.all_traffic("binding_traffic")
+        busiest = sorted((i for i, row in enumerate(traffic) if sum(row[4:])),
+                         key=lambda i: -sum(traffic[i][4:]))[:TOP_TALKERS]
+        by_id = {bid: net for net, bid in self.engine.ids.copy().bindings.items()}
+        rows = [(str(by_id[i]), traffic[i]) for i in busiest if i in by_id]
         out = [("binding", name, row) for name, row in rows[:TOP_TALKERS] if sum(row[4:])]
         out.extend(("role", name, tuple(row)) for name, row in sorted(self.role_traffic().items()))
         return out

@@ -1,7 +1,9 @@
 """vpnctl: grpcurl-style admin client for the vpnr daemons on their Unix sockets.
 
 ``list``, ``describe`` and ``call`` work from server reflection only; ``status`` and
-``health`` are friendly verbs over the four daemons of one router instance.
+``health`` are friendly verbs over the four daemons of one router instance; ``policy``,
+``snapshot``, ``role``, ``rule``, ``binding`` and ``zone`` speak to policyd (registered from
+:mod:`vpnr.vpnctl.policy_verbs` and :mod:`vpnr.vpnctl.policy_object_verbs`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from vpnr.vpnctl import policy_object_verbs, policy_verbs
+from vpnr.vpnctl.commandline import DEFAULT_TIMEOUT, Handler, call_timeout, emit
 from vpnr.vpnctl.output import (
     FORMATS,
     columns,
@@ -46,7 +50,6 @@ from vpnr.vpnctl.reflection import (
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
-DEFAULT_TIMEOUT = 5.0
 DAEMON_SERVICES = {daemon: service for service, daemon in SERVICE_DAEMONS.items()}
 
 EPILOG = """\
@@ -72,6 +75,12 @@ examples:
   vpnctl call AuditService/Follow --timeout 0    # stream until interrupted
   vpnctl --instance b status -o json
   vpnctl health tunneld
+  vpnctl policy export policy.toml               # policy as code (see vpnctl policy --help)
+  vpnctl policy check policy.toml                # the file's tests against the live program
+  vpnctl policy import policy.toml --expected-version 7
+  vpnctl policy test --src 10.1.0.10 --dst 10.2.0.5 --dport 22
+  vpnctl rule list --role eng
+  vpnctl snapshot create before-change
 """
 
 
@@ -149,25 +158,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="one of " + ", ".join(DAEMONS) + " (default: all)")
     health.add_argument("--service", default="",
                         help="service whose health to check (default: the whole server)")
+    policy_verbs.add_commands(commands, common)
+    policy_object_verbs.add_commands(commands, common)
     return parser.parse_args(argv)
-
-
-def call_timeout(args: argparse.Namespace, streaming: bool) -> float | None:
-    """The deadline of one call: --timeout, else the default (none for streams)."""
-    if args.timeout is None:
-        return None if streaming else DEFAULT_TIMEOUT
-    return float(args.timeout) or None
 
 
 def open_client(args: argparse.Namespace, daemon: str) -> DaemonClient:
     """A reflection client on one daemon's socket (ConnectError when unusable)."""
     path = socket_path(args.run_dir, args.instance, daemon)
     return DaemonClient(daemon, path, args.timeout or DEFAULT_TIMEOUT)
-
-
-def emit(text: str) -> None:
-    """Write one rendered document to stdout now (streams print as they arrive)."""
-    print(text, flush=True)
 
 
 def locate(args: argparse.Namespace, symbol: str) -> tuple[DaemonClient, str]:
@@ -387,7 +386,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     return EXIT_OK if serving else EXIT_FAILURE
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+COMMANDS: dict[str, Handler] = {
     "list": cmd_list, "describe": cmd_describe, "call": cmd_call,
     "status": cmd_status, "health": cmd_health,
 }
@@ -399,8 +398,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else (EXIT_USAGE if exc.code else EXIT_OK)
+    # Verb groups (policy, role, ...) name their handler on the parsed arguments.
+    handler = COMMANDS.get(args.command) or args.handler
     try:
-        return COMMANDS[args.command](args)
+        return handler(args)
     except VpnctlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
