@@ -177,8 +177,8 @@ int xdp_rbac(struct xdp_md *ctx)
 	}
 	d.active = vpnr_active_word();
 	iface = vpnr_iface_get(ctx->ingress_ifindex);
-	/* An interface policyd did not configure is treated as outside. */
-	iface_zone = iface ? iface->zone : VPNR_ZONE_EXTERNAL;
+	/* An interface policyd did not configure (zone 0) is treated as outside. */
+	iface_zone = iface && iface->zone ? iface->zone : VPNR_ZONE_EXTERNAL;
 	d.src_zone = iface_zone;
 
 	malformed = vpnr_parse(data, data_end, &pkt);

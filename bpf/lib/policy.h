@@ -53,8 +53,8 @@ static __always_inline int vpnr_infra_bypass(const struct vpnr_config *cfg, __u8
 	}
 	/* RFC 4861: neighbour discovery is only valid with hop limit 255 (never routed). */
 	if ((flags & VPNR_CFG_BYPASS_ND) && (pkt->flags & VPNR_PKT_ICMP) &&
-	    pkt->ip_protocol == VPNR_IPPROTO_ICMPV6 && pkt->icmp_type >= 133 &&
-	    pkt->icmp_type <= 137 && pkt->hop_limit == 255)
+	    pkt->ip_version == 6 && pkt->ip_protocol == VPNR_IPPROTO_ICMPV6 &&
+	    pkt->icmp_type >= 133 && pkt->icmp_type <= 137 && pkt->hop_limit == 255)
 		return 1;
 	if ((flags & VPNR_CFG_BYPASS_TUNNEL) && iface_zone == VPNR_ZONE_EXTERNAL &&
 	    pkt->ip_protocol == VPNR_IPPROTO_UDP && cfg->tunnel_port &&

@@ -168,13 +168,13 @@ class PolicyEngine:
     def _clear_new_counters(self, old: Ids, new: Ids) -> None:
         """Ids handed to a new identity start from zero traffic."""
         old_bindings = {v: k for k, v in old.bindings.items()}
-        for net, binding_id in new.bindings.items():
-            if old_bindings.get(binding_id) != net:
-                self.maps.clear_traffic("binding_traffic", binding_id)
+        self.maps.clear_traffic("binding_traffic", *(
+            binding_id for net, binding_id in new.bindings.items()
+            if old_bindings.get(binding_id) != net))
         old_sets = {v: k for k, v in old.rolesets.items()}
-        for roles, roleset_id in new.rolesets.items():
-            if old_sets.get(roleset_id) != roles:
-                self.maps.clear_traffic("roleset_traffic", roleset_id)
+        self.maps.clear_traffic("roleset_traffic", *(
+            roleset_id for roles, roleset_id in new.rolesets.items()
+            if old_sets.get(roleset_id) != roles))
 
     # -- single bindings ----------------------------------------------------------
 

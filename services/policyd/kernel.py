@@ -39,7 +39,7 @@ def expected_maps(ring_bytes: int) -> dict[str, tuple[int, int, int, int]]:
                       layout.STATS_MAX_ENTRIES),
         "policy_active": (ARRAY, 4, 8, 1),
         "vpnr_config": (ARRAY, 4, layout.CONFIG.size, 1),
-        "iface_zones": (HASH, 4, layout.IFACE.size, layout.MAX_INTERFACES),
+        "iface_zones": (ARRAY, 4, layout.IFACE.size, layout.MAX_IFINDEX),
         "src4_bindings": (LPM_TRIE, layout.LPM4_KEY.size, layout.BINDING.size,
                           2 * layout.MAX_BINDINGS),
         "src6_bindings": (LPM_TRIE, layout.LPM6_KEY.size, layout.BINDING.size,
@@ -173,15 +173,9 @@ class PolicyMaps:
 
     def _sync_lpm(self, name: str, have: dict[bytes, bytes | None],
                   want: dict[bytes, bytes]) -> None:
-        fd = self.fds[name]
-        for key in [k for k in have if k not in want]:
-            with contextlib.suppress(FileNotFoundError):
-                self._delete(fd, key)
-            del have[key]
-        for key, value in want.items():
-            if have.get(key) != value:
-                self._update(fd, key, value, name)
-                have[key] = value
+        # The LPM trie takes batch updates and deletes on this kernel (generic batch ops):
+        # a few syscalls for 100,000 prefixes.
+        self._sync_hash(name, have, want)
 
     def _sync_hash(self, name: str, have: dict[bytes, bytes | None],
                    want: dict[bytes, bytes]) -> None:
@@ -270,14 +264,16 @@ class PolicyMaps:
         bpfsys.map_update(self.fds["vpnr_config"], layout.U32.pack(0), value)
 
     def write_interfaces(self, zones: dict[int, int]) -> None:
-        """ifindex -> zone for every configured interface; others are removed."""
-        fd = self.fds["iface_zones"]
-        for key in list(bpfsys.map_keys(fd, 4)):
-            if layout.U32.unpack(key)[0] not in zones:
-                with contextlib.suppress(FileNotFoundError):
-                    self._delete(fd, key)
-        for ifindex, zone in zones.items():
-            bpfsys.map_update(fd, layout.U32.pack(ifindex), layout.IFACE.pack(zone))
+        """ifindex -> zone for every configured interface; every other index is cleared
+        (configured ones are never cleared first, so their packets never see a gap)."""
+        for ifindex in zones:
+            if not 0 < ifindex < layout.MAX_IFINDEX:
+                raise KernelMapError(f"interface index {ifindex} is beyond the "
+                                     f"{layout.MAX_IFINDEX} that iface_zones holds")
+        unset = layout.IFACE.pack(0)
+        bpfsys.map_update_batch(self.fds["iface_zones"], [
+            (layout.U32.pack(i), layout.IFACE.pack(zones[i]) if i in zones else unset)
+            for i in range(layout.MAX_IFINDEX)])
 
     # -- reading ----------------------------------------------------------------------
 
@@ -304,10 +300,10 @@ class PolicyMaps:
             out.append(tuple(totals))
         return out
 
-    def clear_traffic(self, name: str, index: int) -> None:
-        """Zero an accounting row (an id handed to a new identity)."""
+    def clear_traffic(self, name: str, *indexes: int) -> None:
+        """Zero accounting rows (ids handed to new identities)."""
         zero = bytes(((layout.TRAFFIC.size + 7) & ~7) * bpfsys.possible_cpus())
-        bpfsys.map_update(self.fds[name], layout.U32.pack(index), zero)
+        bpfsys.map_update_batch(self.fds[name], [(layout.U32.pack(i), zero) for i in indexes])
 
     def audit_lost(self) -> list[int]:
         """audit_lost counters summed over CPUs, by AUDIT_* index."""

@@ -26,7 +26,13 @@ from vpnr.policyd.engine import (
     ResourceError,
     VersionMismatchError,
 )
-from vpnr.policyd.model import ROLE_NAME_RE, Policy, PolicyError, Rule
+from vpnr.policyd.model import (
+    MAX_ROLES_PER_BINDING,
+    ROLE_NAME_RE,
+    Policy,
+    PolicyError,
+    Rule,
+)
 from vpnr.policyd.store import SnapshotRow
 from vpnr.v1 import codes_pb2, common_pb2, policy_pb2, policy_pb2_grpc
 
@@ -93,7 +99,7 @@ def page_of(items: Sequence[T], page: common_pb2.PageRequest
 
 
 def _role_name(where: str, name: str) -> str:
-    if not ROLE_NAME_RE.match(name):
+    if not ROLE_NAME_RE.fullmatch(name):
         raise PolicyError(where, "expected a-z, 0-9 and _.:- (up to 63), starting alnum, "
                                  f"got {name!r}")
     return name
@@ -453,7 +459,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     async def CreateSnapshot(self, request: policy_pb2.CreateSnapshotRequest,
                              context: Context) -> policy_pb2.Snapshot:
         async def call() -> policy_pb2.Snapshot:
-            if not SNAPSHOT_NAME_RE.match(request.name):
+            if not SNAPSHOT_NAME_RE.fullmatch(request.name):
                 raise PolicyError("name", "expected 1-64 of A-Z a-z 0-9 _.:- starting alnum, "
                                           f"got {request.name!r}")
             store = self.engine.store
@@ -539,6 +545,10 @@ def _name_binding_errors(policy: Policy, order: list[ipaddress.IPv4Network |
         where = f"bindings[{i}].roles"
         if not roles:
             raise PolicyError(where, "a binding needs at least one role")
+        if len(roles) > MAX_ROLES_PER_BINDING:
+            raise PolicyError(where, f"{len(roles)} roles, at most {MAX_ROLES_PER_BINDING}")
+        if len(set(roles)) != len(roles):
+            raise PolicyError(where, "a role is listed twice")
         for role in roles:
             if role not in policy.roles:
                 raise PolicyError(where, f"unknown role {role!r}")
