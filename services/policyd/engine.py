@@ -109,6 +109,8 @@ class PolicyEngine:
                 src4=dict(image.src4), src6=dict(image.src6), zones4=dict(image.zones4),
                 zones6=dict(image.zones6), buckets=dict(image.buckets))
             self.adopted = True
+            # Learn what the idle slot holds (Status counts it, the next replace diffs it).
+            await asyncio.to_thread(self.maps.learn_slot, 1 - slot)
             log.info("adopted kernel policy", extra={"version": self.version, "slot": slot})
             return
         log.info("installing stored policy", extra={"version": self.version,

@@ -157,6 +157,10 @@ class PolicyMaps:
                 found[key] = None  # value unknown: rewritten on the next write
         return found
 
+    def learn_slot(self, slot: int) -> None:
+        """Read which keys a slot holds, for the maps policyd has not read yet."""
+        self._mirror(slot)
+
     def _mirror(self, slot: int) -> Mirror:
         mirror = self.mirrors[slot]
         if mirror.src4 is None:

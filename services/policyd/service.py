@@ -124,6 +124,14 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         """The policy engine (exists once policyd has started)."""
         return self.app.engine
 
+    async def _read(self, context: Context, call: Callable[[], Awaitable[T]]) -> T:
+        """A read under the engine lock: it never sees half of a change in flight (the
+        new binding under the old version)."""
+        async def locked() -> T:
+            async with self.engine.lock:
+                return await call()
+        return await guarded(context, locked)
+
     async def Status(self, request: policy_pb2.PolicyStatusRequest,
                      context: Context) -> policy_pb2.PolicyStatus:
         return await asyncio.to_thread(self.app.status)
@@ -155,7 +163,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             if request.name not in self.engine.policy.roles:
                 raise NotFoundError("name", f"no role {request.name!r}")
             return convert.role_to_proto(self.engine.policy, self.engine.ids, request.name)
-        return await guarded(context, call)
+        return await self._read(context, call)
 
     async def ListRoles(self, request: policy_pb2.ListRolesRequest,
                         context: Context) -> policy_pb2.ListRolesResponse:
@@ -164,7 +172,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             return policy_pb2.ListRolesResponse(
                 roles=[convert.role_to_proto(self.engine.policy, self.engine.ids, n)
                        for n in names], page=page)
-        return await guarded(context, call)
+        return await self._read(context, call)
 
     async def UpdateRole(self, request: policy_pb2.UpdateRoleRequest,
                          context: Context) -> policy_pb2.Role:
@@ -237,7 +245,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         async def call() -> policy_pb2.Rule:
             name, i = _find_rule(self.engine.policy, request.id, "id")
             return convert.rule_to_proto(self.engine.policy.roles[name][i])
-        return await guarded(context, call)
+        return await self._read(context, call)
 
     async def ListRules(self, request: policy_pb2.ListRulesRequest,
                         context: Context) -> policy_pb2.ListRulesResponse:
@@ -251,7 +259,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             chunk, page = page_of(rules, request.page)
             return policy_pb2.ListRulesResponse(rules=[convert.rule_to_proto(r) for r in chunk],
                                                 page=page)
-        return await guarded(context, call)
+        return await self._read(context, call)
 
     async def UpdateRule(self, request: policy_pb2.UpdateRuleRequest,
                          context: Context) -> policy_pb2.Rule:
@@ -314,7 +322,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             if net not in policy.bindings:
                 raise NotFoundError("prefix", f"no binding {net}")
             return self.app.binding_with_traffic(net)
-        return await guarded(context, call)
+        return await self._read(context, call)
 
     async def ListBindings(self, request: policy_pb2.ListBindingsRequest,
                            context: Context) -> policy_pb2.ListBindingsResponse:
@@ -330,7 +338,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             chunk, page = page_of(nets, request.page)
             return policy_pb2.ListBindingsResponse(
                 bindings=[self.app.binding_with_traffic(n) for n in chunk], page=page)
-        return await guarded(context, call)
+        return await self._read(context, call)
 
     async def DeleteBinding(self, request: policy_pb2.DeleteBindingRequest,
                             context: Context) -> policy_pb2.DeleteResponse:
@@ -374,7 +382,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             if net not in self.engine.policy.zones:
                 raise NotFoundError("prefix", f"no zone {net}")
             return convert.zone_to_proto(self.engine.policy, net)
-        return await guarded(context, call)
+        return await self._read(context, call)
 
     async def ListZones(self, request: policy_pb2.ListZonesRequest,
                         context: Context) -> policy_pb2.ListZonesResponse:
@@ -383,7 +391,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             chunk, page = page_of(sorted(policy.zones, key=convert.net_order), request.page)
             return policy_pb2.ListZonesResponse(
                 zones=[convert.zone_to_proto(policy, n) for n in chunk], page=page)
-        return await guarded(context, call)
+        return await self._read(context, call)
 
     async def DeleteZone(self, request: policy_pb2.DeleteZoneRequest,
                          context: Context) -> policy_pb2.DeleteResponse:
@@ -405,7 +413,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     async def GetPolicy(self, request: policy_pb2.GetPolicyRequest,
                         context: Context) -> policy_pb2.PolicyDocument:
         engine = self.engine
-        return convert.document(engine.policy, engine.ids, engine.version, engine.updated_at)
+        async with engine.lock:
+            return convert.document(engine.policy, engine.ids, engine.version,
+                                    engine.updated_at)
 
     async def ReplacePolicy(self, request: policy_pb2.ReplacePolicyRequest,
                             context: Context) -> policy_pb2.ReplaceResponse:
