@@ -129,9 +129,10 @@ static __always_inline int vpnr_finish(struct xdp_md *ctx, const struct vpnr_con
 {
 	__u32 queue = ctx->rx_queue_index;
 
-	if (d->verdict == VPNR_VERDICT_ALLOW && d->dst_zone == VPNR_ZONE_VPN &&
+	if (d->reason == VPNR_REASON_RULE_ALLOW && d->dst_zone == VPNR_ZONE_VPN &&
 	    d->src_zone != VPNR_ZONE_VPN) {
-		/* VPN zone: only tunneld may carry it; no socket bound, nothing leaves. */
+		/* VPN zone: only tunneld may carry it; no socket bound, nothing leaves. (Link
+		 * infrastructure, e.g. neighbour discovery, stays on the link.) */
 		if (xsk_map.lookup(&queue)) {
 			d->verdict = VPNR_VERDICT_REDIRECT;
 			d->reason = VPNR_REASON_TUNNEL_REDIRECT;
@@ -182,10 +183,12 @@ int xdp_rbac(struct xdp_md *ctx)
 	d.src_zone = iface_zone;
 
 	malformed = vpnr_parse(data, data_end, &pkt);
+	if (!malformed && pkt.ip_version)
+		d.dst_zone = vpnr_dst_zone(&pkt, d.active & VPNR_ACTIVE_SLOT);
 	if (malformed) {
 		d.verdict = VPNR_VERDICT_DENY;
 		d.reason = malformed;
-	} else if (vpnr_infra_bypass(cfg, iface_zone, &pkt)) {
+	} else if (vpnr_infra_bypass(cfg, iface_zone, d.dst_zone, &pkt)) {
 		d.verdict = VPNR_VERDICT_ALLOW;
 		d.reason = VPNR_REASON_INFRA_BYPASS;
 	} else if (pkt.ip_version) {

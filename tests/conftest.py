@@ -53,6 +53,7 @@ class DaemonProcess:
     instance: str
     netns: str | None = None
     proc: subprocess.Popen[bytes] | None = None
+    log: Path = Path("/dev/null")
 
     @property
     def socket(self) -> Path:
@@ -64,14 +65,19 @@ class DaemonProcess:
         argv = [str(BIN / self.name), "--config", str(self.config)]
         if self.netns:
             argv = ["nsenter", f"--net=/run/netns/{self.netns}", *argv]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # A file, not a pipe: nobody reads a pipe until the daemon stops, and a full pipe
+        # would freeze the daemon on its next log line.
+        self.log = self.run_dir.parent / f"{self.name}-{self.instance}.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
             if self.socket.exists() and is_serving(self.socket):
                 return self
             if self.proc.poll() is not None:
-                out = self.proc.stdout.read().decode() if self.proc.stdout else ""
-                raise AssertionError(f"{self.name} exited {self.proc.returncode}: {out}")
+                raise AssertionError(f"{self.name} exited {self.proc.returncode}: "
+                                     f"{self.log.read_text(errors='replace')}")
             time.sleep(0.05)
         self.stop()
         raise AssertionError(f"{self.name} not SERVING after {READY_TIMEOUT} s")
@@ -88,9 +94,8 @@ class DaemonProcess:
             return self.proc.wait(timeout=timeout)
 
     def output(self) -> str:
-        """Everything the daemon logged (after it stopped)."""
-        assert self.proc is not None and self.proc.stdout is not None
-        return self.proc.stdout.read().decode()
+        """Everything the daemon logged so far."""
+        return self.log.read_text(errors="replace")
 
 
 @pytest.fixture

@@ -34,14 +34,19 @@ static __always_inline __u32 *vpnr_zone6(struct vpnr_lpm6_key *key);
 static __always_inline struct vpnr_bucket *vpnr_bucket_get(struct vpnr_bucket_key *key);
 static __always_inline struct vpnr_rule *vpnr_rule_get(__u32 index);
 
+/* dst_zone: of an IP packet (ignored for ARP). From outside, infrastructure reaches only
+ * the outside and the router: never an INTERNAL or VPN destination. */
 static __always_inline int vpnr_infra_bypass(const struct vpnr_config *cfg, __u8 iface_zone,
-					     const struct vpnr_packet *pkt)
+					     __u8 dst_zone, const struct vpnr_packet *pkt)
 {
 	__u32 flags = cfg->flags;
 
 	if (pkt->ethertype == VPNR_ETH_P_ARP)
 		return flags & VPNR_CFG_BYPASS_ARP;
 	if (pkt->flags & VPNR_PKT_FRAGMENT)
+		return 0;
+	if (iface_zone == VPNR_ZONE_EXTERNAL &&
+	    (dst_zone == VPNR_ZONE_INTERNAL || dst_zone == VPNR_ZONE_VPN))
 		return 0;
 	if ((flags & VPNR_CFG_BYPASS_DHCP) && pkt->ip_protocol == VPNR_IPPROTO_UDP) {
 		__u16 s = pkt->src_port, d = pkt->dst_port;
@@ -141,8 +146,7 @@ static __always_inline int vpnr_decide_ip(const struct vpnr_packet *pkt, __u8 if
 	struct vpnr_bucket *bucket;
 	int external_to_internal;
 
-	d->src_zone = iface_zone;
-	d->dst_zone = vpnr_dst_zone(pkt, slot);
+	d->src_zone = iface_zone; /* d->dst_zone: set by the caller (vpnr_dst_zone) */
 	external_to_internal = iface_zone == VPNR_ZONE_EXTERNAL &&
 			       d->dst_zone == VPNR_ZONE_INTERNAL;
 	binding = vpnr_src_binding(pkt, slot);

@@ -255,9 +255,14 @@ def rule_matches(rule: Rule, packet: Packet) -> bool:
     return True
 
 
-def is_infrastructure(packet: Packet, ctx: Context) -> bool:
-    """The configured bypass: DHCP, ICMPv6 neighbour discovery, the tunnel port on WAN."""
+def is_infrastructure(packet: Packet, ctx: Context,
+                      dst_zone: int = codes_pb2.ZONE_EXTERNAL) -> bool:
+    """The configured bypass: DHCP, ICMPv6 neighbour discovery, the tunnel port on WAN.
+    From an external interface it never reaches an INTERNAL or VPN destination."""
     if packet.fragment:
+        return False
+    if ctx.interface_zone == codes_pb2.ZONE_EXTERNAL and dst_zone in (
+            codes_pb2.ZONE_INTERNAL, codes_pb2.ZONE_VPN):
         return False
     if Bypass.DHCP in ctx.bypass and packet.protocol == codes_pb2.PROTOCOL_UDP:
         ports = (packet.src_port, packet.dst_port)
@@ -285,10 +290,10 @@ def evaluate(policy: Policy, packet: Packet, ctx: Context | None = None) -> Deci
     dropped while no tunnel socket is bound (fail closed).
     """
     ctx = ctx or Context()
-    if is_infrastructure(packet, ctx):
-        return Decision(codes_pb2.VERDICT_ALLOW, codes_pb2.REASON_INFRA_BYPASS,
-                        src_zone=ctx.interface_zone)
     src_zone, dst_zone = ctx.interface_zone, policy.zone_of(packet.dst)
+    if is_infrastructure(packet, ctx, dst_zone):
+        return Decision(codes_pb2.VERDICT_ALLOW, codes_pb2.REASON_INFRA_BYPASS,
+                        src_zone=src_zone, dst_zone=dst_zone)
     external_to_internal = (src_zone == codes_pb2.ZONE_EXTERNAL
                             and dst_zone == codes_pb2.ZONE_INTERNAL)
     roles = policy.roles_of(packet.src)
