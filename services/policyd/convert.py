@@ -200,19 +200,25 @@ def copy_policy(policy: Policy) -> Policy:
                   zone_descriptions=dict(policy.zone_descriptions))
 
 
-def diff(old: Policy, new: Policy, from_version: int, to_version: int) -> policy_pb2.PolicyDiff:
-    """What changed between two policies (only the changes are sorted: cheap when few)."""
+def diff(old: Policy, new: Policy, from_version: int, to_version: int,
+         limit: int | None = None) -> policy_pb2.PolicyDiff:
+    """What changed between two policies (only the changes are sorted: cheap when few).
+    ``limit`` caps each binding list (the counts stay exact)."""
     out = policy_pb2.PolicyDiff(from_version=from_version, to_version=to_version)
     old_b, new_b = old.bindings, new.bindings
     added = [n for n in new_b if n not in old_b]
     removed = [n for n in old_b if n not in new_b]
     changed = [n for n, roles in new_b.items() if n in old_b and (
         old_b[n] != roles or meta_of(old, n) != meta_of(new, n))]
-    for net in sorted(added, key=net_order):
+    out.bindings_added_count, out.bindings_removed_count = len(added), len(removed)
+    out.bindings_changed_count = len(changed)
+    if limit is not None and max(len(added), len(removed), len(changed)) > limit:
+        out.truncated = True
+    for net in sorted(added, key=net_order)[:limit]:
         out.bindings_added.append(binding_to_proto(net, new_b[net], meta_of(new, net)))
-    for net in sorted(removed, key=net_order):
+    for net in sorted(removed, key=net_order)[:limit]:
         out.bindings_removed.append(binding_to_proto(net, old_b[net], meta_of(old, net)))
-    for net in sorted(changed, key=net_order):
+    for net in sorted(changed, key=net_order)[:limit]:
         out.bindings_changed.append(binding_to_proto(net, new_b[net], meta_of(new, net)))
     out.roles_added.extend(sorted(new.roles.keys() - old.roles.keys()))
     out.roles_removed.extend(sorted(old.roles.keys() - new.roles.keys()))

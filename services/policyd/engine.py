@@ -41,6 +41,8 @@ from vpnr.v1 import policy_pb2
 
 log = logging.getLogger("vpnr.policyd.engine")
 
+DIFF_LIST_LIMIT = 1000  # bindings listed per kind in a replace's reply; counts are exact
+
 
 class NotFoundError(PolicyError):
     """The named object does not exist."""
@@ -165,7 +167,7 @@ class PolicyEngine:
         self.policy, self.ids, self.version = new, ids, version
         self._reset_id_counters()
         self._clear_new_counters(old_ids, ids)
-        return Change(version, diff(old, new, old_version, version))
+        return Change(version, diff(old, new, old_version, version, DIFF_LIST_LIMIT))
 
     def _clear_new_counters(self, old: Ids, new: Ids) -> None:
         """Ids handed to a new identity start from zero traffic."""
@@ -264,6 +266,9 @@ class PolicyEngine:
         self.version = version
         after = copy_single(policy, ids, net)
         out = policy_pb2.PolicyDiff(from_version=old_version, to_version=version)
+        out.bindings_added_count = int(before[0] is None and after[0] is not None)
+        out.bindings_removed_count = int(after[0] is None and before[0] is not None)
+        out.bindings_changed_count = int(None not in (before[0], after[0]))
         if before[0] is None and after[0] is not None:
             out.bindings_added.append(binding_to_proto(net, after[0], after[1] or BindingMeta()))
         elif after[0] is None and before[0] is not None:

@@ -188,9 +188,9 @@ class Policyd(DaemonApp):
     def record(self, action: str, change: Change, reason: str) -> None:
         """Send a control-plane audit record to auditd (best effort, never blocks)."""
         detail = {"reason": reason,
-                  "bindings_added": len(change.diff.bindings_added),
-                  "bindings_removed": len(change.diff.bindings_removed),
-                  "bindings_changed": len(change.diff.bindings_changed),
+                  "bindings_added": change.diff.bindings_added_count,
+                  "bindings_removed": change.diff.bindings_removed_count,
+                  "bindings_changed": change.diff.bindings_changed_count,
                   "roles_changed": list(change.diff.roles_changed)[:20]}
         event = audit_pb2.ControlEvent(daemon=self.name, action=action, actor="policyd-api",
                                        version_before=change.diff.from_version,

@@ -124,7 +124,11 @@ def diff_view(diff: policy_pb2.PolicyDiff) -> dict[str, Any]:
             "bindings_removed": [binding_view(b) for b in diff.bindings_removed],
             "bindings_changed": [binding_view(b) for b in diff.bindings_changed],
             "zones_added": [zone_view(z) for z in diff.zones_added],
-            "zones_removed": [zone_view(z) for z in diff.zones_removed]}
+            "zones_removed": [zone_view(z) for z in diff.zones_removed],
+            "bindings_added_count": diff.bindings_added_count,
+            "bindings_removed_count": diff.bindings_removed_count,
+            "bindings_changed_count": diff.bindings_changed_count,
+            "truncated": diff.truncated}
 
 
 def _named(items: Sequence[str]) -> str:
@@ -152,6 +156,10 @@ def diff_lines(diff: policy_pb2.PolicyDiff) -> list[str]:
                                 ("changed", diff.roles_changed))),
              _changes("bindings", bindings.items()), _changes("zones", zones.items())]
     changed = [line for line in lines if line]
+    if diff.truncated:
+        changed.append(f"  (binding lists shortened; in all {diff.bindings_added_count} added, "
+                       f"{diff.bindings_removed_count} removed, "
+                       f"{diff.bindings_changed_count} changed)")
     return [f"policy version {diff.from_version} -> {diff.to_version}",
             *(changed or ["  no changes"])]
 
