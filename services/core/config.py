@@ -197,15 +197,15 @@ def _check(file: str, key: str, check: str, value: Any) -> None:
     def fail(expected: str) -> typing.NoReturn:
         raise ConfigError(file, key, f"expected {expected}, got {value!r}")
 
-    if check == "instance" and not _INSTANCE_RE.match(value):
+    if check == "instance" and not _INSTANCE_RE.fullmatch(value):
         fail("1-24 characters of a-z, 0-9, '_' or '-', starting with a letter or digit")
     elif check == "abspath" and not value.startswith("/"):
         fail("an absolute path")
     elif check == "path" and (not value or "\x00" in value):
         fail("a file path")
-    elif check == "ifname" and not _IFNAME_RE.match(value):
+    elif check == "ifname" and not _IFNAME_RE.fullmatch(value):
         fail("an interface name (1-15 of A-Z a-z 0-9 _ . -)")
-    elif check == "peername" and not _PEER_NAME_RE.match(value):
+    elif check == "peername" and not _PEER_NAME_RE.fullmatch(value):
         fail("a peer name (a-z, 0-9, '_', '.', '-'; up to 63)")
     elif check == "port" and not 1 <= value <= 65535:
         fail("a port number 1-65535")

@@ -116,7 +116,7 @@ class LabSpec:
     with_idp: bool = True
 
     def __post_init__(self) -> None:
-        if not LAB_NAME_RE.match(self.name):
+        if not LAB_NAME_RE.fullmatch(self.name):
             raise ValueError(f"lab name {self.name!r}: expected 1-12 of a-z0-9, "
                              "starting with a letter")
         if not 1 <= self.hosts_per_site <= 8:

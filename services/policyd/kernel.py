@@ -291,9 +291,9 @@ class PolicyMaps:
                 totals[i] += v
         return tuple(totals)
 
-    def all_traffic(self, name: str) -> list[tuple[int, ...]]:
-        """Every accounting row of a map, summed over CPUs, indexed by id."""
-        max_entries = expected_maps(0)[name][3]
+    def all_traffic(self, name: str, upto: int) -> list[tuple[int, ...]]:
+        """Accounting rows 0..upto-1 of a map, summed over CPUs, indexed by id."""
+        max_entries = min(expected_maps(0)[name][3], max(upto, 1))
         out = []
         for per_cpu in bpfsys.percpu_array_rows(self.fds[name], layout.TRAFFIC.size,
                                                 max_entries):

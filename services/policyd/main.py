@@ -248,7 +248,7 @@ class Policyd(DaemonApp):
         """Traffic per role: the sum over the role sets that contain it."""
         ids = self.engine.ids.copy()  # the engine may change them meanwhile
         names = {v: k for k, v in ids.roles.items()}
-        rows = self.maps.all_traffic("roleset_traffic")
+        rows = self.maps.all_traffic("roleset_traffic", self.engine.next_roleset_id)
         totals: dict[str, list[int]] = {}
         for roles, roleset_id in ids.rolesets.items():
             row = rows[roleset_id] if roleset_id < len(rows) else (0,) * 8
@@ -260,7 +260,7 @@ class Policyd(DaemonApp):
 
     def top_traffic(self) -> list[tuple[str, str, tuple[int, ...]]]:
         """("binding", prefix, row) for the top talkers and ("role", name, row) for all."""
-        traffic = self.maps.all_traffic("binding_traffic")
+        traffic = self.maps.all_traffic("binding_traffic", self.engine.next_binding_id)
         busiest = sorted((i for i, row in enumerate(traffic) if sum(row[4:])),
                          key=lambda i: -sum(traffic[i][4:]))[:TOP_TALKERS]
         by_id = {bid: net for net, bid in self.engine.ids.copy().bindings.items()}

@@ -191,7 +191,7 @@ class Policy:
         """Check limits, names and references; raise PolicyError on the first problem."""
         ids: set[int] = set()
         for name, rules in self.roles.items():
-            if not ROLE_NAME_RE.match(name):
+            if not ROLE_NAME_RE.fullmatch(name):
                 raise PolicyError(f"roles[{name!r}].name",
                                   "expected a-z, 0-9 and _.:- (up to 63), starting alnum")
             if len(rules) > MAX_RULES_PER_ROLE:

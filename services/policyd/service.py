@@ -476,11 +476,12 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             if await store.snapshot_exists(request.name):
                 raise ConflictError("name", f"snapshot {request.name!r} exists")
             engine = self.engine
-            doc = convert.document(engine.policy, engine.ids, engine.version,
-                                   engine.updated_at)
+            async with engine.lock:  # never half of a change in flight
+                doc = convert.document(engine.policy, engine.ids, engine.version,
+                                       engine.updated_at)
             counts = (len(doc.roles), sum(len(r.rules) for r in doc.roles), len(doc.bindings),
                       len(doc.zones))
-            row = await store.create_snapshot(request.name, engine.version, counts,
+            row = await store.create_snapshot(request.name, doc.version, counts,
                                               doc.SerializeToString())
             return _snapshot(row)
         return await guarded(context, call)
@@ -517,7 +518,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                                                            "from_snapshot")
             new, new_version = await self._snapshot_policy(request.to_snapshot, "to_snapshot")
             return convert.diff(old, new, old_version, new_version)
-        return await guarded(context, call)
+        return await self._read(context, call)  # 0 is the live policy
 
     async def RestoreSnapshot(self, request: policy_pb2.RestoreSnapshotRequest,
                               context: Context) -> policy_pb2.ReplaceResponse:

@@ -386,7 +386,7 @@ def _read_role(reader: _Reader, value: Any, where: str, role_places: dict[str, s
     before = len(reader.problems)
     name = reader.string(table, "name", where, required=True)
     if name is not None:
-        if not ROLE_NAME_RE.match(name):
+        if not ROLE_NAME_RE.fullmatch(name):
             reader.problem(f"{where}.name", "expected a-z, 0-9 and _.:- (at most 63 "
                                             f"characters, starting a-z or 0-9), got "
                                             f"{quote(name)}")
