@@ -9,6 +9,8 @@ from typing import Any
 
 import aiosqlite
 
+from vpnr.core.sqlite import SchemaError, open_database
+
 SCHEMA_VERSION = 1
 
 _SCHEMA = [
@@ -46,24 +48,9 @@ class AuditStore:
     async def open(cls, path: Path) -> AuditStore:
         """Open (creating if needed) the database and bring its schema up to date."""
         try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-            db = await aiosqlite.connect(str(path))
-            await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute("PRAGMA synchronous=NORMAL")
-            for statement in _SCHEMA:
-                await db.execute(statement)
-            async with db.execute("SELECT value FROM meta WHERE key='schema_version'") as cur:
-                row = await cur.fetchone()
-            if row is None:
-                await db.execute("INSERT INTO meta VALUES ('schema_version', ?)",
-                                 (str(SCHEMA_VERSION),))
-            elif int(row[0]) > SCHEMA_VERSION:
-                await db.close()
-                raise StoreError(f"{path}: schema version {row[0]} is newer than this auditd "
-                                 f"understands ({SCHEMA_VERSION}); refusing to touch it")
-            await db.commit()
-        except (OSError, aiosqlite.Error) as exc:
-            raise StoreError(f"cannot open audit database {path}: {exc}") from exc
+            db = await open_database(path, _SCHEMA, SCHEMA_VERSION, "auditd")
+        except SchemaError as exc:
+            raise StoreError(str(exc)) from exc
         return cls(path, db)
 
     async def close(self) -> None:

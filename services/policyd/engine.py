@@ -30,7 +30,6 @@ from vpnr.policyd.compiler import (
 from vpnr.policyd.convert import binding_to_proto, copy_policy, diff
 from vpnr.policyd.kernel import KernelMapError, Mirror, PolicyMaps
 from vpnr.policyd.model import (
-    MAX_ROLES_PER_BINDING,
     BindingMeta,
     IPNetwork,
     Policy,
@@ -182,18 +181,6 @@ class PolicyEngine:
 
     # -- single bindings ----------------------------------------------------------
 
-    def _check_binding(self, where: str, roles: tuple[str, ...]) -> None:
-        if not roles:
-            raise PolicyError(f"{where}.roles", "a binding needs at least one role")
-        if len(roles) > MAX_ROLES_PER_BINDING:
-            raise PolicyError(f"{where}.roles",
-                              f"{len(roles)} roles, at most {MAX_ROLES_PER_BINDING}")
-        if len(set(roles)) != len(roles):
-            raise PolicyError(f"{where}.roles", "a role is listed twice")
-        for role in roles:
-            if role not in self.policy.roles:
-                raise PolicyError(f"{where}.roles", f"unknown role {role!r}")
-
     async def put_binding(self, net: IPNetwork, roles: tuple[str, ...], meta: BindingMeta,
                           create: bool, expected_version: int = 0,
                           where: str = "binding") -> Change:
@@ -205,7 +192,7 @@ class PolicyEngine:
                 raise ConflictError(f"{where}.prefix", f"binding {net} exists")
             if not create and not exists:
                 raise NotFoundError(f"{where}.prefix", f"no binding {net}")
-            self._check_binding(where, roles)
+            self.policy.check_binding_roles(where, roles)
             return await self._write_binding(net, roles, meta)
 
     async def delete_binding(self, net: IPNetwork, expected_version: int = 0,

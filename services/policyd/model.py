@@ -204,22 +204,25 @@ class Policy:
                     raise PolicyError(f"{where}.id", f"rule id {rule.id} is used twice")
                 ids.add(rule.id)
         for prefix, roles in self.bindings.items():
-            where = f"bindings[{prefix}]"
-            if not roles:
-                raise PolicyError(f"{where}.roles", "a binding needs at least one role")
-            if len(roles) > MAX_ROLES_PER_BINDING:
-                raise PolicyError(f"{where}.roles",
-                                  f"{len(roles)} roles, at most {MAX_ROLES_PER_BINDING}")
-            if len(set(roles)) != len(roles):
-                raise PolicyError(f"{where}.roles", "a role is listed twice")
-            for role in roles:
-                if role not in self.roles:
-                    raise PolicyError(f"{where}.roles", f"unknown role {role!r}")
+            self.check_binding_roles(f"bindings[{prefix}]", roles)
         for prefix, zone in self.zones.items():
             if zone not in (codes_pb2.ZONE_INTERNAL, codes_pb2.ZONE_VPN,
                             codes_pb2.ZONE_EXTERNAL):
                 raise PolicyError(f"zones[{prefix}].zone",
                                   "expected internal, vpn or external")
+
+    def check_binding_roles(self, where: str, roles: tuple[str, ...]) -> None:
+        """A binding's roles: 1-16 distinct roles that exist."""
+        if not roles:
+            raise PolicyError(f"{where}.roles", "a binding needs at least one role")
+        if len(roles) > MAX_ROLES_PER_BINDING:
+            raise PolicyError(f"{where}.roles",
+                              f"{len(roles)} roles, at most {MAX_ROLES_PER_BINDING}")
+        if len(set(roles)) != len(roles):
+            raise PolicyError(f"{where}.roles", "a role is listed twice")
+        for role in roles:
+            if role not in self.roles:
+                raise PolicyError(f"{where}.roles", f"unknown role {role!r}")
 
     def zone_of(self, address: IPAddress) -> int:
         """Zone of the most specific zone prefix covering ``address``; EXTERNAL if none."""

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import aiosqlite
 
+from vpnr.core.sqlite import SchemaError, open_database
 from vpnr.policyd.compiler import Ids, RoleSet
 from vpnr.policyd.model import Action, BindingMeta, IPNetwork, Policy, Rule, parse_prefix
 
@@ -79,23 +80,9 @@ class PolicyStore:
     async def open(cls, path: Path) -> PolicyStore:
         """Open (creating if needed) the database and check its schema version."""
         try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-            db = await aiosqlite.connect(str(path), isolation_level=None)
-            await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute("PRAGMA synchronous=NORMAL")
-            for statement in _SCHEMA:
-                await db.execute(statement)
-            async with db.execute("SELECT value FROM meta WHERE key='schema_version'") as cur:
-                row = await cur.fetchone()
-            if row is None:
-                await db.execute("INSERT INTO meta VALUES ('schema_version', ?)",
-                                 (str(SCHEMA_VERSION),))
-            elif int(row[0]) > SCHEMA_VERSION:
-                await db.close()
-                raise StoreError(f"{path}: schema version {row[0]} is newer than this "
-                                 f"policyd understands ({SCHEMA_VERSION})")
-        except (aiosqlite.Error, OSError) as exc:
-            raise StoreError(f"{path}: {exc}") from exc
+            db = await open_database(path, _SCHEMA, SCHEMA_VERSION, "policyd", autocommit=True)
+        except SchemaError as exc:
+            raise StoreError(str(exc)) from exc
         return cls(path, db)
 
     async def close(self) -> None:
