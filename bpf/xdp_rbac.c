@@ -216,13 +216,10 @@ int xdp_rbac_rules(struct xdp_md *ctx)
 {
 	struct vpnr_handoff *handoff = vpnr_handoff_get();
 	struct vpnr_config *cfg = vpnr_config_get();
-	struct vpnr_packet pkt;
-	struct vpnr_decision d;
 
 	if (!handoff || !cfg)
 		return XDP_DROP;
-	pkt = handoff->pkt;
-	d = handoff->d;
-	vpnr_scan_rules(&pkt, &handoff->scan, &d);
-	return vpnr_finish(ctx, cfg, &d, &pkt);
+	/* Work on the per-CPU hand-off in place: no copy back to the stack. */
+	vpnr_scan_rules(&handoff->pkt, &handoff->scan, &handoff->d);
+	return vpnr_finish(ctx, cfg, &handoff->d, &handoff->pkt);
 }
