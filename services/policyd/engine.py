@@ -89,6 +89,9 @@ class PolicyEngine:
         # next whole-policy compile (assign_ids), which keeps single changes O(1).
         self.next_binding_id = 1
         self.next_roleset_id = 1
+        # Bindings with an expiry, so the once-a-second sweep does not walk all of them.
+        self._expiring: set[IPNetwork] = set()
+        self._expiring_of: dict[IPNetwork, BindingMeta] | None = None
 
     def _reset_id_counters(self) -> None:
         self.next_binding_id = max(self.ids.bindings.values(), default=0) + 1
@@ -223,6 +226,7 @@ class PolicyEngine:
                 new.bindings[net], new.binding_meta[net] = roles, meta
                 return await self._replace_locked(new)
             ids.rolesets.update(new_sets)
+            self._note_expiry(net, meta)
             fresh_binding = net not in ids.bindings
             ids.bindings[net] = binding_id
             self.next_roleset_id += len(new_sets)
@@ -243,8 +247,8 @@ class PolicyEngine:
                 ids.rolesets.pop(key, None)
             raise
         try:
-            await asyncio.to_thread(self._apply_binding, net, roles, new_sets, fresh_binding,
-                                    version)
+            # A handful of syscalls: on the loop, without a hop to a worker thread.
+            self._apply_binding(net, roles, new_sets, fresh_binding, version)
         except (KernelMapError, CapacityError) as exc:
             restore_single(policy, ids, net, before)
             self.updated_at = await self.store.save_full(policy, ids, version + 1)
@@ -295,10 +299,24 @@ class PolicyEngine:
     # -- expiry -------------------------------------------------------------------
 
     def expired(self, now: float | None = None) -> list[IPNetwork]:
-        """Bindings whose expiry has passed."""
+        """Bindings whose expiry has passed (looks only at bindings that expire)."""
         now = time.time() if now is None else now
-        return [net for net, meta in self.policy.binding_meta.items()
-                if meta.expires_at is not None and meta.expires_at <= now]
+        meta = self.policy.binding_meta
+        if self._expiring_of is not meta:  # a whole-policy change: find them again
+            self._expiring = {n for n, m in meta.items() if m.expires_at is not None}
+            self._expiring_of = meta
+        found = []
+        for net in list(self._expiring):
+            entry = meta.get(net)
+            if entry is None or entry.expires_at is None:
+                self._expiring.discard(net)
+            elif entry.expires_at <= now:
+                found.append(net)
+        return found
+
+    def _note_expiry(self, net: IPNetwork, meta: BindingMeta | None) -> None:
+        if meta is not None and meta.expires_at is not None:
+            self._expiring.add(net)
 
 
 Single = tuple[tuple[str, ...] | None, BindingMeta | None, int | None]

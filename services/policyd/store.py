@@ -172,8 +172,10 @@ class PolicyStore:
                                  self._binding_row(policy, ids, net))
             else:
                 await db.execute("DELETE FROM bindings WHERE prefix = ?", (str(net),))
-            await db.executemany("INSERT OR REPLACE INTO rolesets VALUES (?, ?)",
-                                 [(rid, _roleset_text(rs)) for rs, rid in new_rolesets.items()])
+            if new_rolesets:
+                await db.executemany("INSERT OR REPLACE INTO rolesets VALUES (?, ?)",
+                                     [(rid, _roleset_text(rs))
+                                      for rs, rid in new_rolesets.items()])
             await self._set_version(version, now)
             await db.execute("COMMIT")
         except BaseException:
@@ -189,8 +191,8 @@ class PolicyStore:
                 meta.expires_at, ids.bindings[net])
 
     async def _set_version(self, version: int, now: float) -> None:
-        await self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                                   [("version", str(version)), ("updated_at", repr(now))])
+        await self._db.execute("INSERT OR REPLACE INTO meta VALUES ('version', ?), "
+                               "('updated_at', ?)", (str(version), repr(now)))
 
     async def _rollback(self) -> None:
         with contextlib.suppress(aiosqlite.Error):  # no transaction was open
