@@ -152,9 +152,8 @@ class RunningPolicyd:
         self.stub = policy_pb2_grpc.PolicyServiceStub(self.channel)
 
 
-@pytest.fixture
-def policyd(tmp_path: Path, netns: str, instance: str) -> Iterator[RunningPolicyd]:
-    """policyd on lan0 (internal) and wan0 (external) of a fresh namespace."""
+def start_policyd(tmp_path: Path, netns: str, instance: str) -> RunningPolicyd:
+    """Add wan0 to ``netns`` (which has lan0) and start policyd on both."""
     for cmd in (["link", "add", "wan0", "type", "veth", "peer", "name", "wanpeer0"],
                 ["link", "set", "wan0", "up"], ["link", "set", "wanpeer0", "up"]):
         subprocess.run(["ip", "-n", netns, *cmd], check=True)
@@ -168,8 +167,14 @@ def policyd(tmp_path: Path, netns: str, instance: str) -> Iterator[RunningPolicy
         'interfaces = [{name = "lan0", zone = "internal"}, {name = "wan0", zone = "external"}]\n')
     process = DaemonProcess("policyd", config, tmp_path / "run", instance, netns=netns).start()
     channel = grpc.insecure_channel(f"unix:{process.socket}")
-    running = RunningPolicyd(process, netns, instance, channel,
-                             policy_pb2_grpc.PolicyServiceStub(channel), config)
+    return RunningPolicyd(process, netns, instance, channel,
+                          policy_pb2_grpc.PolicyServiceStub(channel), config)
+
+
+@pytest.fixture
+def policyd(tmp_path: Path, netns: str, instance: str) -> Iterator[RunningPolicyd]:
+    """policyd on lan0 (internal) and wan0 (external) of a fresh namespace."""
+    running = start_policyd(tmp_path, netns, instance)
     try:
         yield running
     finally:

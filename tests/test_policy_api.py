@@ -6,8 +6,10 @@ Every rejected request must leave the policy exactly as it was (version and cont
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -16,7 +18,7 @@ from typing import Any
 import grpc
 import pytest
 
-from conftest import RunningPolicyd
+from conftest import DaemonProcess, RunningPolicyd
 from vpnr.core import bpfsys
 from vpnr.policyd import layout
 from vpnr.v1 import codes_pb2, common_pb2, policy_pb2, policy_pb2_grpc
@@ -956,3 +958,31 @@ def test_status_reports_versions_maps_and_interfaces(policyd: RunningPolicyd) ->
         assert iface.attach_mode in ("native", "generic")
     assert decide(stub, "10.1.0.7", "10.2.0.5", interface="wan0").src_zone == \
         codes_pb2.ZONE_EXTERNAL
+
+
+def test_every_change_is_recorded_in_the_control_plane_audit(policyd: RunningPolicyd) -> None:
+    """policyd sends auditd a record for each change, with the versions before and after."""
+    auditd = DaemonProcess("auditd", policyd.config, policyd.process.run_dir,
+                           policyd.instance).start()
+    try:
+        stub = policyd.stub
+        stub.CreateRole(policy_pb2.CreateRoleRequest(role=policy_pb2.Role(name="ops")),
+                        timeout=10)
+        stub.CreateBinding(policy_pb2.CreateBindingRequest(binding=policy_pb2.Binding(
+            prefix="10.9.0.1/32", roles=["ops"])), timeout=10)
+        stub.DeleteBinding(policy_pb2.DeleteBindingRequest(prefix="10.9.0.1/32"), timeout=10)
+        database = policyd.config.parent / "state" / "audit.sqlite"
+        wanted = ["role.create", "binding.create", "binding.delete"]
+        rows: list[tuple[str, int, int]] = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+                rows = db.execute("SELECT action, version_before, version_after FROM records "
+                                  "WHERE daemon = 'policyd' ORDER BY id").fetchall()
+            if [r[0] for r in rows] == wanted:
+                break
+            time.sleep(0.1)
+    finally:
+        auditd.stop()
+    assert [r[0] for r in rows] == wanted
+    assert all(after == before + 1 for _, before, after in rows)

@@ -20,11 +20,11 @@ import frames
 import grpc
 import pytest
 
-from conftest import DaemonProcess, RunningPolicyd, unique
+from conftest import RunningPolicyd, start_policyd, unique
 from vpnr.policyd import convert
 from vpnr.policyd.compiler import Ids
 from vpnr.policyd.model import Action, Policy, Rule, parse_prefix
-from vpnr.v1 import codes_pb2, policy_pb2, policy_pb2_grpc
+from vpnr.v1 import codes_pb2, policy_pb2
 
 pytestmark = pytest.mark.root
 
@@ -60,23 +60,9 @@ def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningPolicyd]
     try:
         for cmd in (["link", "set", "lo", "up"],
                     ["link", "add", "lan0", "type", "veth", "peer", "name", "peer0"],
-                    ["link", "add", "wan0", "type", "veth", "peer", "name", "wanpeer0"],
-                    *(["link", "set", dev, "up"] for dev in ("lan0", "peer0", "wan0",
-                                                             "wanpeer0"))):
+                    ["link", "set", "lan0", "up"], ["link", "set", "peer0", "up"]):
             subprocess.run(["ip", "-n", netns, *cmd], check=True)
-        config = tmp / "router.toml"
-        config.write_text(
-            "[router]\n"
-            f'instance = "{instance}"\n'
-            f'run_dir = "{tmp}/run"\n'
-            f'state_dir = "{tmp}/state"\n'
-            "[policyd]\n"
-            'interfaces = [{name = "lan0", zone = "internal"}, '
-            '{name = "wan0", zone = "external"}]\n')
-        process = DaemonProcess("policyd", config, tmp / "run", instance, netns=netns).start()
-        channel = grpc.insecure_channel(f"unix:{process.socket}")
-        running = RunningPolicyd(process, netns, instance, channel,
-                                 policy_pb2_grpc.PolicyServiceStub(channel), config)
+        running = start_policyd(tmp, netns, instance)
         try:
             yield running
         finally:

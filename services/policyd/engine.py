@@ -85,6 +85,8 @@ class PolicyEngine:
         self.live: SlotImage | None = None
         self.adopted = False
         self.lock = asyncio.Lock()
+        # Told of every change that took effect: (action, change, reason), for the audit log.
+        self.on_change: Callable[[str, Change, str], None] = lambda *_: None
         # Next ids for single-binding changes; ids freed meanwhile are reused only by the
         # next whole-policy compile (assign_ids), which keeps single changes O(1).
         self.next_binding_id = 1
@@ -133,21 +135,26 @@ class PolicyEngine:
         if expected and expected != self.version:
             raise VersionMismatchError(expected, self.version)
 
-    async def replace(self, new: Policy, expected_version: int = 0) -> Change:
+    async def replace(self, new: Policy, expected_version: int = 0,
+                      action: str = "policy.replace", reason: str = "") -> Change:
         """Make ``new`` (already validated) the policy, atomically for every packet."""
         async with self.lock:
             self._check_version(expected_version)
-            return await self._replace_locked(new)
+            change = await self._replace_locked(new)
+        self.on_change(action, change, reason)
+        return change
 
-    async def mutate(self, edit: Callable[[Policy], None], expected_version: int = 0
-                     ) -> Change:
+    async def mutate(self, edit: Callable[[Policy], None], expected_version: int = 0,
+                     action: str = "policy.edit", reason: str = "") -> Change:
         """Apply ``edit`` to a copy of the policy, validate the result, replace."""
         async with self.lock:
             self._check_version(expected_version)
             new = copy_policy(self.policy)
             edit(new)
             new.validate()
-            return await self._replace_locked(new)
+            change = await self._replace_locked(new)
+        self.on_change(action, change, reason)
+        return change
 
     async def _replace_locked(self, new: Policy) -> Change:
         old, old_ids, old_version = self.policy, self.ids, self.version
@@ -196,16 +203,21 @@ class PolicyEngine:
             if not create and not exists:
                 raise NotFoundError(f"{where}.prefix", f"no binding {net}")
             self.policy.check_binding_roles(where, roles)
-            return await self._write_binding(net, roles, meta)
+            change = await self._write_binding(net, roles, meta)
+        self.on_change("binding.create" if create else "binding.update", change, str(net))
+        return change
 
     async def delete_binding(self, net: IPNetwork, expected_version: int = 0,
-                             where: str = "prefix") -> Change:
+                             where: str = "prefix", action: str = "binding.delete"
+                             ) -> Change:
         """Remove one binding from the live slot."""
         async with self.lock:
             self._check_version(expected_version)
             if net not in self.policy.bindings:
                 raise NotFoundError(where, f"no binding {net}")
-            return await self._write_binding(net, None, None)
+            change = await self._write_binding(net, None, None)
+        self.on_change(action, change, str(net))
+        return change
 
     async def _write_binding(self, net: IPNetwork, roles: tuple[str, ...] | None,
                              meta: BindingMeta | None) -> Change:

@@ -128,6 +128,7 @@ class Policyd(DaemonApp):
                 database = self.config.router.state_path / database
             store = await PolicyStore.open(database)
             self._engine = PolicyEngine(self._maps, store)
+            self._engine.on_change = self.record
             await self._engine.start()
             ifindexes = await asyncio.to_thread(self.datapath.ifindexes)
             self._maps.write_interfaces({ifindexes[i.name]: ZONES[i.zone]
@@ -176,12 +177,11 @@ class Policyd(DaemonApp):
             await asyncio.sleep(EXPIRY_INTERVAL)
             for net in self.engine.expired():
                 try:
-                    change = await self.engine.delete_binding(net)
+                    change = await self.engine.delete_binding(net, action="binding.expired")
                 except PolicyError:
                     continue  # removed meanwhile
                 log.info("binding expired", extra={"prefix": str(net),
                                                    "version": change.version})
-                self.record("policy.binding_expired", change, str(net))
 
     # -- control-plane audit ------------------------------------------------------
 

@@ -153,7 +153,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 policy.role_descriptions[name] = role.description
                 convert.assign_rule_ids(policy)
 
-            await self.engine.mutate(edit)
+            await self.engine.mutate(edit, action="role.create")
             return convert.role_to_proto(self.engine.policy, self.engine.ids, name)
         return await guarded(context, call)
 
@@ -189,7 +189,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 policy.role_descriptions[name] = role.description
                 convert.assign_rule_ids(policy)
 
-            await self.engine.mutate(edit, request.expected_version)
+            await self.engine.mutate(edit, request.expected_version, action="role.update")
             return convert.role_to_proto(self.engine.policy, self.engine.ids, name)
         return await guarded(context, call)
 
@@ -209,7 +209,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 del policy.roles[name]
                 policy.role_descriptions.pop(name, None)
 
-            change = await self.engine.mutate(edit, request.expected_version)
+            change = await self.engine.mutate(edit, request.expected_version, action="role.delete")
             return policy_pb2.DeleteResponse(version=change.version)
         return await guarded(context, call)
 
@@ -236,7 +236,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 policy.roles[rule.role].append(rule)
                 holder.append(rule)
 
-            await self.engine.mutate(edit)
+            await self.engine.mutate(edit, action="rule.create")
             return convert.rule_to_proto(holder[0])
         return await guarded(context, call)
 
@@ -279,7 +279,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                     policy.roles[role].append(rule)
                 holder.append(rule)
 
-            await self.engine.mutate(edit, request.expected_version)
+            await self.engine.mutate(edit, request.expected_version, action="rule.update")
             return convert.rule_to_proto(holder[0])
         return await guarded(context, call)
 
@@ -290,7 +290,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 name, i = _find_rule(policy, request.id, "id")
                 del policy.roles[name][i]
 
-            change = await self.engine.mutate(edit, request.expected_version)
+            change = await self.engine.mutate(edit, request.expected_version, action="rule.delete")
             return policy_pb2.DeleteResponse(version=change.version)
         return await guarded(context, call)
 
@@ -363,7 +363,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 policy.zones[net] = zone
                 policy.zone_descriptions[net] = description
 
-            await self.engine.mutate(edit, expected)
+            await self.engine.mutate(edit, expected, action="zone.put")
             return convert.zone_to_proto(self.engine.policy, net)
         return await guarded(context, call)
 
@@ -404,7 +404,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 del policy.zones[net]
                 policy.zone_descriptions.pop(net, None)
 
-            change = await self.engine.mutate(edit, request.expected_version)
+            change = await self.engine.mutate(edit, request.expected_version, action="zone.delete")
             return policy_pb2.DeleteResponse(version=change.version)
         return await guarded(context, call)
 
@@ -421,8 +421,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                             context: Context) -> policy_pb2.ReplaceResponse:
         async def call() -> policy_pb2.ReplaceResponse:
             new = convert.policy_from_document(request.policy)
-            change = await self.engine.replace(new, request.expected_version)
-            self.app.record("policy.replace", change, request.reason)
+            change = await self.engine.replace(new, request.expected_version,
+                                               "policy.replace", request.reason)
             return _replace_response(change)
         return await guarded(context, call)
 
@@ -459,8 +459,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                     policy.binding_meta[net] = meta
                 _name_binding_errors(policy, list(wanted))
 
-            change = await self.engine.mutate(edit, request.expected_version)
-            self.app.record(f"policy.replace_bindings:{source}", change, request.reason)
+            change = await self.engine.mutate(edit, request.expected_version,
+                                              f"policy.replace_bindings:{source}",
+                                              request.reason)
             return _replace_response(change)
         return await guarded(context, call)
 
@@ -526,8 +527,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             if request.id == 0:
                 raise PolicyError("id", "name a snapshot id")
             policy, _ = await self._snapshot_policy(request.id, "id")
-            change = await self.engine.replace(policy, request.expected_version)
-            self.app.record(f"policy.restore_snapshot:{request.id}", change, "")
+            change = await self.engine.replace(policy, request.expected_version,
+                                               f"policy.restore_snapshot:{request.id}")
             return _replace_response(change)
         return await guarded(context, call)
 
