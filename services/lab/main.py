@@ -17,6 +17,16 @@ from vpnr.lab.topology import DAEMONS, LabSpec, Site
 from vpnr.v1 import codes_pb2, idp_pb2, idp_pb2_grpc, policy_pb2, policy_pb2_grpc
 
 ICMP = 1
+# A TCP connection attempt to port 22 that reports what came back within a second.
+SSH_ATTEMPT = """import socket, sys
+try:
+    socket.create_connection((sys.argv[1], 22), timeout=1).close()
+    print("answered")
+except ConnectionRefusedError:
+    print("refused by the router (reached it)")
+except OSError:
+    print("got no answer (dropped)")
+"""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -141,10 +151,13 @@ def show_traffic(lab: Lab, site: Site) -> None:
             ssh = stub.TestDecision(policy_pb2.TestDecisionRequest(
                 src=site.host_v4(n), dst=site.router_lan_v4, protocol=codes_pb2.PROTOCOL_TCP,
                 dst_port=22, interface="lan0"), timeout=5)
-            print(f"   ssh  {who} -> router: kernel: {ssh.explanation}")
+            attempt = lab.host_run(site, n, sys.executable, "-c", SSH_ATTEMPT,
+                                   site.router_lan_v4)
+            print(f"   ssh  {who} -> router: real SYN {attempt.stdout.strip() or '?'} | "
+                  f"kernel: {ssh.explanation}")
         after = stub.Status(policy_pb2.PolicyStatusRequest(), timeout=5)
     emitted = after.audit_emitted - before.audit_emitted
-    print(f"   audit ring: +{emitted} events for the denied packets "
+    print(f"   audit ring: +{emitted} events for the packets denied meanwhile "
           f"(lost: {after.audit_lost_reserve} ring full, "
           f"{after.audit_lost_rate_limit} rate-limited)")
 
