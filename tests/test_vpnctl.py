@@ -122,18 +122,16 @@ def vpnctl(router: Router, capsys: pytest.CaptureFixture[str],
     return code, captured.out, captured.err
 
 
-def test_parse_args_defaults_env_and_option_positions(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("VPNR_INSTANCE", raising=False)
-    monkeypatch.delenv("VPNR_RUN_DIR", raising=False)
-    args = parse_args(["status"])
+def test_parse_args_defaults_env_and_option_positions() -> None:
+    args = parse_args(["status"], environ={})
     assert (args.instance, args.run_dir, args.output, args.timeout) == (
         "a", "/run/vpnr", "table", None)
-    monkeypatch.setenv("VPNR_INSTANCE", "b")
-    monkeypatch.setenv("VPNR_RUN_DIR", "/tmp/elsewhere")
-    args = parse_args(["call", "AuditService/Status", "-o", "yaml", "--timeout", "2"])
+    environ = {"VPNR_INSTANCE": "b", "VPNR_RUN_DIR": "/tmp/elsewhere"}
+    args = parse_args(["call", "AuditService/Status", "-o", "yaml", "--timeout", "2"],
+                      environ=environ)
     assert (args.instance, args.run_dir, args.output, args.timeout) == (
         "b", "/tmp/elsewhere", "yaml", 2.0)
-    assert parse_args(["-o", "json", "--instance", "c", "list"]).output == "json"
+    assert parse_args(["-o", "json", "--instance", "c", "list"], environ={}).output == "json"
 
 
 def test_help_documents_exit_codes_and_ends_with_examples(

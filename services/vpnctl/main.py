@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,8 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _common_options(with_defaults: bool) -> argparse.ArgumentParser:
+def _common_options(with_defaults: bool, environ: Mapping[str, str]
+                    ) -> argparse.ArgumentParser:
     """Options accepted before and after the command (only the top level sets defaults)."""
 
     def default(value: Any) -> Any:
@@ -102,10 +103,10 @@ def _common_options(with_defaults: bool) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--instance", metavar="NAME",
-                        default=default(os.environ.get("VPNR_INSTANCE", "a")),
+                        default=default(environ.get("VPNR_INSTANCE", "a")),
                         help="router instance (default: $VPNR_INSTANCE or 'a')")
     parser.add_argument("--run-dir", metavar="DIR",
-                        default=default(os.environ.get("VPNR_RUN_DIR", "/run/vpnr")),
+                        default=default(environ.get("VPNR_RUN_DIR", "/run/vpnr")),
                         help="parent of the instance socket directory "
                              "(default: $VPNR_RUN_DIR or /run/vpnr)")
     parser.add_argument("-o", "--output", choices=FORMATS, default=default("table"),
@@ -116,11 +117,14 @@ def _common_options(with_defaults: bool) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse vpnctl's command line; exits 2 (argparse) on usage errors."""
-    common = _common_options(with_defaults=False)
+def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = None
+               ) -> argparse.Namespace:
+    """Parse vpnctl's command line; exits 2 (argparse) on usage errors. ``environ``
+    (default: the process environment) supplies VPNR_INSTANCE and VPNR_RUN_DIR."""
+    environ = os.environ if environ is None else environ
+    common = _common_options(with_defaults=False, environ=environ)
     parser = argparse.ArgumentParser(
-        prog="vpnctl", parents=[_common_options(with_defaults=True)],
+        prog="vpnctl", parents=[_common_options(with_defaults=True, environ=environ)],
         description="Admin client for the vpnr daemons (policyd, tunneld, auditd, idpd), "
                     "grpcurl-style: list, describe and call work from server reflection.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
