@@ -56,7 +56,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -65,6 +65,7 @@ from typing import Any
 import grpc
 from pyroute2 import IPRoute
 
+from vpnr.core import bpfsys, netns
 from vpnr.core.client import is_serving
 from vpnr.policyd import model
 from vpnr.policyd.datapath import LINK_PIN_PREFIX, PROG_PIN
@@ -119,17 +120,6 @@ RPC_TIMEOUT = 120.0
 MAX_DROPPED_DELIVERED = 0.01
 MIN_ALLOWED_DELIVERED = 0.95
 
-CLONE_NEWNET = 0x40000000
-SYS_BPF = 321  # x86_64
-BPF_OBJ_GET = 7
-BPF_PROG_TEST_RUN = 10
-BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
-BPF_LINK_CREATE = 28
-BPF_XDP = 37
-XDP_FLAGS_DRV_MODE = 1 << 2
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 
 class BenchError(Exception):
@@ -329,70 +319,20 @@ def nft_expert(policy: BenchPolicy, lan_if: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-# -- namespaces and the bpf() calls this bench needs --------------------------------------
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-@contextlib.contextmanager
-def in_netns(name: str) -> Iterator[None]:
-    """Run the calling thread in a network namespace for the block (setns is per thread)."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-        try:
-            _setns(target)
-        finally:
-            os.close(target)
-        try:
-            yield
-        finally:
-            _setns(own)
-    finally:
-        os.close(own)
-
-
-def _bpf(cmd: int, attr: bytearray, what: str) -> int:
-    buf = (ctypes.c_char * len(attr)).from_buffer(attr)
-    ret = int(_libc.syscall(SYS_BPF, cmd, buf, len(attr)))
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return ret
+# -- the bpf() calls this bench needs ---------------------------------------------------
 
 
 def xdp_link(prog_fd: int, ifindex: int) -> int:
     """Attach an XDP program natively through a BPF link; closing the fd detaches it."""
-    attr = bytearray(144)
-    struct.pack_into("=IIII", attr, 0, prog_fd, ifindex, BPF_XDP, XDP_FLAGS_DRV_MODE)
-    return _bpf(BPF_LINK_CREATE, attr, f"attach XDP to ifindex {ifindex}")
-
-
-def obj_get(path: Path) -> int:
-    """Open a pinned BPF object; returns a new fd."""
-    name = ctypes.create_string_buffer(os.fsencode(path))
-    attr = bytearray(144)
-    struct.pack_into("=Q", attr, 0, ctypes.addressof(name))
-    return _bpf(BPF_OBJ_GET, attr, f"open pinned {path}")
+    return bpfsys.link_create_xdp(prog_fd, ifindex, bpfsys.XDP_FLAGS_DRV_MODE)
 
 
 def test_run_ns(prog_fd: int, frame: bytes, ifindex: int, repeat: int) -> tuple[int, int]:
     """BPF_PROG_TEST_RUN an XDP program ``repeat`` times on one frame arriving on
     ``ifindex`` (of the calling thread's namespace): (return code, mean ns per run)."""
-    data = ctypes.create_string_buffer(frame, len(frame))
-    out = ctypes.create_string_buffer(len(frame) + 256)
-    ctx = ctypes.create_string_buffer(struct.pack("=6I", 0, len(frame), 0, ifindex, 0, 0), 24)
-    attr = bytearray(144)
-    struct.pack_into("=IIIIQQIIIIQQ", attr, 0, prog_fd, 0, len(frame), len(out),
-                     ctypes.addressof(data), ctypes.addressof(out), repeat, 0, len(ctx), 0,
-                     ctypes.addressof(ctx), 0)
-    _bpf(BPF_PROG_TEST_RUN, attr, "test run")
-    retval, duration = struct.unpack_from("=I", attr, 4)[0], struct.unpack_from("=I", attr, 36)[0]
-    return retval, duration
+    run = bpfsys.prog_test_run(prog_fd, frame, repeat=repeat,
+                               ctx=struct.pack("=6I", 0, len(frame), 0, ifindex, 0, 0))
+    return run.retval, run.duration_ns
 
 
 def ifindex(name: str) -> int:
@@ -404,10 +344,10 @@ def ifindex(name: str) -> int:
     return int(found[0])
 
 
-def link_stats(netns: str) -> dict[str, dict[str, int]]:
+def link_stats(namespace: str) -> dict[str, dict[str, int]]:
     """The 64-bit counters of every interface in a namespace, from one netlink dump (so
     the counters of two interfaces are read microseconds apart)."""
-    with in_netns(netns), IPRoute() as ipr:
+    with netns.entered(namespace), IPRoute() as ipr:
         return {link.get_attr("IFLA_IFNAME"): dict(link.get_attr("IFLA_STATS64"))
                 for link in ipr.get_links()}
 
@@ -694,8 +634,8 @@ class Generator:
                     struct.unpack("=H", struct.pack("!H", flow.dport))[0], 0)
             self.windows[kind] = (base, len(kind_flows))
             base += len(kind_flows)
-        self.frame = ctypes.create_string_buffer(template_frame(), FRAME_LEN)
-        with in_netns(topo.ns["gen"]):
+        self.frame = template_frame()
+        with netns.entered(topo.ns["gen"]):
             self.ifindex = ifindex(topo.gen_if)
             # Attached, the program stays in the kernel's XDP dispatcher; otherwise every
             # test run swaps it in and out, each time waiting for an RCU grace period
@@ -703,8 +643,7 @@ class Generator:
             # receives nothing, so the attachment never runs.
             self.link_fd = xdp_link(self.gen_fd, self.ifindex)
         # struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress
-        self.ctx = ctypes.create_string_buffer(struct.pack("=6I", 0, FRAME_LEN, 0,
-                                                           self.ifindex, 0, 0), 24)
+        self.ctx = struct.pack("=6I", 0, FRAME_LEN, 0, self.ifindex, 0, 0)
         self.thread: threading.Thread | None = None
         self.realtime = False
         self.kind = KINDS[0]
@@ -713,22 +652,14 @@ class Generator:
         self.error: OSError | None = None
 
     def _live_run(self, repeat: int) -> None:
-        attr = bytearray(144)
-        # struct bpf_attr.test: prog_fd, retval, data_size_in, data_size_out, data_in,
-        # data_out, repeat, duration, ctx_size_in, ctx_size_out, ctx_in, ctx_out, flags,
-        # cpu, batch_size
-        struct.pack_into("=IIIIQQIIIIQQIII", attr, 0, self.gen_fd, 0, FRAME_LEN, 0,
-                         ctypes.addressof(self.frame), 0, repeat, 0, len(self.ctx), 0,
-                         ctypes.addressof(self.ctx), 0, BPF_F_TEST_XDP_LIVE_FRAMES, 0,
-                         GEN_BATCH)
-        _bpf(BPF_PROG_TEST_RUN, attr, "live-frame test run")
+        bpfsys.prog_test_run_live(self.gen_fd, self.frame, self.ctx, repeat, GEN_BATCH)
 
     def _loop(self, deadline: float) -> None:
         try:
             os.sched_setaffinity(0, {self.topo.gen_cpu})  # this thread only
             if self.realtime:
                 set_fifo(0, RT_PRIORITY["generator"])
-            with in_netns(self.topo.ns["gen"]):
+            with netns.entered(self.topo.ns["gen"]):
                 for _ in range(GEN_MAX_CALLS):
                     if self.stop_event.is_set() or time.monotonic() > deadline:
                         break
@@ -1059,9 +990,9 @@ def program_alone(topo: Topology, policyd: Policyd,
                   flows: dict[str, list[Flow]]) -> dict[str, int]:
     """Mean ns per run of policyd's pinned program on one frame of each kind, repeated in
     BPF_PROG_TEST_RUN (caches hot, one flow): the program's cost without the data path."""
-    fd = obj_get(policyd.pin_dir / PROG_PIN)
+    fd = bpfsys.obj_get(str(policyd.pin_dir / PROG_PIN))
     try:
-        with in_netns(topo.ns["rtr"]):
+        with netns.entered(topo.ns["rtr"]):
             lan = ifindex(topo.lan_if)
             return {kind: test_run_ns(fd, template_frame(flows[kind][0]), lan,
                                       PROGRAM_ALONE_REPEAT)[1] for kind in KINDS}
@@ -1162,7 +1093,7 @@ class Bench:
                 return
             for kind in KINDS:
                 if case == "floor":
-                    with in_netns(topo.ns["rtr"]):
+                    with netns.entered(topo.ns["rtr"]):
                         link = xdp_link(self.gen.drop_fd if kind == "dropped"
                                         else self.gen.pass_fd, ifindex(topo.lan_if))
                     try:
@@ -1348,7 +1279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         topo.create()
         gen = Generator(topo, flows)
-        with in_netns(topo.ns["sink"]):
+        with netns.entered(topo.ns["sink"]):
             sink_link = xdp_link(gen.drop_fd, ifindex(topo.sink_if))
         topo.set_threaded()
         bench = Bench(topo, gen, policy, flows, tmp, args)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import ipaddress
 import json
 import os
@@ -46,14 +45,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
 import grpc
 
-from vpnr.core import bpfsys
+from vpnr.core import bpfsys, netns
 from vpnr.core.client import is_serving, socket_target
 from vpnr.policyd import layout, testrun
 from vpnr.v1 import codes_pb2, policy_pb2, policy_pb2_grpc
@@ -63,7 +62,6 @@ PIN_ROOT = Path("/sys/fs/bpf/vpnr")
 READY_TIMEOUT_S = 60.0
 GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20),
                 ("grpc.max_receive_message_length", 64 << 20)]
-CLONE_NEWNET = 0x40000000
 
 ROLES = 10
 TARGET_NS = 150.0
@@ -146,34 +144,6 @@ def tcp_frame(src: ipaddress.IPv4Address, dst: ipaddress.IPv4Address) -> bytes:
 
 # -- policyd in a namespace --------------------------------------------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-@contextlib.contextmanager
-def entered_netns(name: str) -> Iterator[None]:
-    """Run the calling thread in network namespace ``name`` (BPF_PROG_TEST_RUN resolves
-    the ingress ifindex in the caller's namespace); back to the original one after."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-        try:
-            _setns(target)
-        finally:
-            os.close(target)
-        try:
-            yield
-        finally:
-            _setns(own)
-    finally:
-        os.close(own)
-
-
 @dataclass
 class PolicydUnderTest:
     """A real policyd on lan0 (internal) of a fresh namespace; a unique instance name;
@@ -251,7 +221,7 @@ class PolicydUnderTest:
             time.sleep(0.05)
         self.channel = grpc.insecure_channel(socket_target(self.socket), options=GRPC_OPTIONS)
         self.prog_fd = bpfsys.obj_get(str(self.pin_dir / "xdp_rbac_prog"))
-        self._stack.enter_context(entered_netns(self.name))
+        self._stack.enter_context(netns.entered(self.name))
         self.ifindex = socket.if_nametoindex("lan0")
 
     def _cleanup(self) -> None:
@@ -385,23 +355,15 @@ def measure_case(rig: PolicydUnderTest, case: Case, repeat: int, runs: int
     }
 
 
-BPF_PROG_LOAD = 5
-BPF_PROG_TYPE_XDP = 6
 
 
 def floor_ns(rig: PolicydUnderTest, repeat: int, runs: int) -> float:
     """Median per-packet time of a 2-instruction XDP program (return XDP_PASS) on the same
     frame: what BPF_PROG_TEST_RUN itself costs per repetition, the floor under every case."""
-    insns = ctypes.create_string_buffer(struct.pack("=BBhi", 0xB7, 0, 0, testrun.XDP_PASS)
-                                        + struct.pack("=BBhi", 0x95, 0, 0, 0))
-    license_ = ctypes.create_string_buffer(b"GPL")
-    attr = ctypes.create_string_buffer(bpfsys.ATTR_SIZE)
-    struct.pack_into("=IIQQ", attr, 0, BPF_PROG_TYPE_XDP, 2, ctypes.addressof(insns),
-                     ctypes.addressof(license_))
-    fd = int(_libc.syscall(bpfsys.SYS_BPF, BPF_PROG_LOAD, attr, bpfsys.ATTR_SIZE))
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"load the floor program: {os.strerror(err)}")
+    # r0 = XDP_PASS; exit
+    fd = bpfsys.prog_load(bpfsys.BPF_PROG_TYPE_XDP,
+                          struct.pack("=BBhi", 0xB7, 0, 0, testrun.XDP_PASS)
+                          + struct.pack("=BBhi", 0x95, 0, 0, 0))
     try:
         frame = tcp_frame(PROBE_SRC, allow_host(2, 9))
         ctx = testrun.XDP_MD.pack(0, len(frame), 0, rig.ifindex, 0, 0)

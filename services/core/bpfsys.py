@@ -297,6 +297,34 @@ def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, ctx: bytes = b"") 
     return TestRun(retval, duration, data_out.raw[:size_out])
 
 
+BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
+BPF_PROG_LOAD = 5
+BPF_PROG_TYPE_XDP = 6
+
+
+def prog_load(prog_type: int, insns: bytes, license_: str = "GPL") -> int:
+    """Load a program from raw instructions (8 bytes each); returns its fd."""
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(license_.encode())
+    attr = _attr()
+    struct.pack_into("=IIQQ", attr, 0, prog_type, len(insns) // 8, _addr(code), _addr(lic))
+    return _bpf(BPF_PROG_LOAD, attr, "load program")
+
+
+def prog_test_run_live(prog_fd: int, frame: bytes, ctx: bytes, repeat: int,
+                       batch_size: int) -> None:
+    """Run an XDP program ``repeat`` times with BPF_F_TEST_XDP_LIVE_FRAMES: each frame it
+    passes, redirects or transmits really leaves (a kernel-speed packet generator)."""
+    data = ctypes.create_string_buffer(frame, len(frame))
+    ctx_in = ctypes.create_string_buffer(ctx, len(ctx))
+    attr = _attr()
+    # struct bpf_attr.test: ..., ctx_in, ctx_out, flags, cpu, batch_size
+    struct.pack_into("=IIIIQQIIIIQQIII", attr, 0, prog_fd, 0, len(frame), 0, _addr(data), 0,
+                     repeat, 0, len(ctx), 0, _addr(ctx_in), 0, BPF_F_TEST_XDP_LIVE_FRAMES, 0,
+                     batch_size)
+    _bpf(BPF_PROG_TEST_RUN, attr, "live-frame test run")
+
+
 def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
                name: str = "", inner_map_fd: int = 0, flags: int = 0) -> int:
     """Create a map; returns its fd."""
