@@ -175,14 +175,10 @@ class PolicyMaps:
             mirror.buckets = self._scan("rule_buckets", slot, 7, layout.ACTIVE_SLOT)
         return mirror
 
-    def _sync_lpm(self, name: str, have: dict[bytes, bytes | None],
-                  want: dict[bytes, bytes]) -> None:
-        # The LPM trie takes batch updates and deletes on this kernel (generic batch ops):
-        # a few syscalls for 100,000 prefixes.
-        self._sync_hash(name, have, want)
-
-    def _sync_hash(self, name: str, have: dict[bytes, bytes | None],
-                   want: dict[bytes, bytes]) -> None:
+    def _sync(self, name: str, have: dict[bytes, bytes | None],
+              want: dict[bytes, bytes]) -> None:
+        """Make map ``name``'s entries of one slot equal ``want``: batch deletes and
+        updates of what differs (the LPM tries take batch operations too on this kernel)."""
         fd = self.fds[name]
         stale = [k for k in have if k not in want]
         if stale:
@@ -212,11 +208,11 @@ class PolicyMaps:
         # Referenced data first, references last (matters when the slot is live).
         self.write_rules(slot, 0, image.rules)
         self.write_rolesets(slot, image.rolesets)
-        self._sync_hash("rule_buckets", mirror.buckets, image.buckets)
-        self._sync_lpm("dst4_zones", mirror.zones4, image.zones4)
-        self._sync_lpm("dst6_zones", mirror.zones6, image.zones6)
-        self._sync_lpm("src4_bindings", mirror.src4, image.src4)
-        self._sync_lpm("src6_bindings", mirror.src6, image.src6)
+        self._sync("rule_buckets", mirror.buckets, image.buckets)
+        self._sync("dst4_zones", mirror.zones4, image.zones4)
+        self._sync("dst6_zones", mirror.zones6, image.zones6)
+        self._sync("src4_bindings", mirror.src4, image.src4)
+        self._sync("src6_bindings", mirror.src6, image.src6)
 
     def write_rules(self, slot: int, first: int, rules: list[bytes]) -> None:
         """Rule-table entries ``first``.. of a slot's half."""
@@ -333,11 +329,6 @@ class PolicyMaps:
             return bpfsys.map_lookup(self.fds["xsk_map"], layout.U32.pack(queue), 4) is not None
         except bpfsys.BpfError:
             return False
-
-    def entries(self, name: str) -> int:
-        """Number of keys in a hash-like map (walks it)."""
-        key_size = expected_maps(0)[name][1]
-        return sum(1 for _ in bpfsys.map_keys(self.fds[name], key_size))
 
     # -- helpers ----------------------------------------------------------------------
 

@@ -57,7 +57,8 @@ class XdpCollector(Collector):
         nbytes = CounterMetricFamily("vpnr_xdp_bytes", "Bytes seen by the XDP program",
                                      labels=labels)
         names = {a.ifindex: name for name, a in self.app.datapath.attached.items()}
-        for row in self.app.datapath.counters():
+        counters = self.app.datapath.counters()
+        for row in counters:
             values = [names.get(row.ifindex, str(row.ifindex)),
                       codes_pb2.Verdict.Name(row.verdict), codes_pb2.Reason.Name(row.reason),
                       str(row.ip_version), str(row.ip_protocol)]
@@ -66,7 +67,7 @@ class XdpCollector(Collector):
         yield from (packets, nbytes)
         fill = GaugeMetricFamily("vpnr_map_fill_ratio", "Entries over max_entries per map",
                                  labels=["map"])
-        for m in self.app.map_fill():
+        for m in self.app.map_fill(len(counters)):
             fill.add_metric([m.name], m.fill_ratio)
         yield fill
         lost = CounterMetricFamily("vpnr_audit_events", "Audit events by outcome in the kernel",
@@ -215,12 +216,13 @@ class Policyd(DaemonApp):
 
     # -- reading ------------------------------------------------------------------
 
-    def map_fill(self) -> list[policy_pb2.MapFill]:
-        """Fill level of every map that can fill up."""
+    def map_fill(self, stats_rows: int) -> list[policy_pb2.MapFill]:
+        """Fill level of every map that can fill up (``stats_rows``: the verdict counter
+        rows the caller has just read, one per xdp_stats entry)."""
         engine, maps = self.engine, self.maps
         live = engine.live
         rows = [
-            ("xdp_stats", len(self.datapath.counters()), layout.STATS_MAX_ENTRIES),
+            ("xdp_stats", stats_rows, layout.STATS_MAX_ENTRIES),
             ("src4_bindings", len(maps.mirrors[0].src4 or {}) + len(maps.mirrors[1].src4 or {}),
              2 * layout.MAX_BINDINGS),
             ("src6_bindings", len(maps.mirrors[0].src6 or {}) + len(maps.mirrors[1].src6 or {}),
@@ -285,7 +287,7 @@ class Policyd(DaemonApp):
                     reason=cast(codes_pb2.Reason, row.reason), packets=row.packets,
                     bytes=row.bytes, ip_version=row.ip_version, ip_protocol=row.ip_protocol)
                     for row in counters if row.ifindex == attached.ifindex]))
-        maps = self.map_fill()
+        maps = self.map_fill(len(counters))
         warnings = [common_pb2.Warning(code="MAP_FILL", message=f"{m.name} is "
                                        f"{m.fill_ratio:.0%} full")
                     for m in maps if m.fill_ratio > FILL_WARNING_RATIO]

@@ -27,7 +27,6 @@ from vpnr.policyd.engine import (
     VersionMismatchError,
 )
 from vpnr.policyd.model import (
-    MAX_ROLES_PER_BINDING,
     ROLE_NAME_RE,
     Policy,
     PolicyError,
@@ -553,17 +552,7 @@ def _name_binding_errors(policy: Policy, order: list[ipaddress.IPv4Network |
                                                    ipaddress.IPv6Network]) -> None:
     """Validate bindings naming their index in the request rather than their prefix."""
     for i, net in enumerate(order):
-        roles = policy.bindings[net]
-        where = f"bindings[{i}].roles"
-        if not roles:
-            raise PolicyError(where, "a binding needs at least one role")
-        if len(roles) > MAX_ROLES_PER_BINDING:
-            raise PolicyError(where, f"{len(roles)} roles, at most {MAX_ROLES_PER_BINDING}")
-        if len(set(roles)) != len(roles):
-            raise PolicyError(where, "a role is listed twice")
-        for role in roles:
-            if role not in policy.roles:
-                raise PolicyError(where, f"unknown role {role!r}")
+        policy.check_binding_roles(f"bindings[{i}]", policy.bindings[net])
 
 
 def _replace_response(change: Change) -> policy_pb2.ReplaceResponse:

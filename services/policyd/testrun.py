@@ -70,9 +70,8 @@ def _l4(probe: Probe) -> bytes:
 
 def build_frame(probe: Probe) -> bytes:
     """An Ethernet frame carrying the probe (checksums are not checked by XDP)."""
-    payload = b"" if probe.fragment else _l4(probe)
-    if probe.fragment:
-        payload = bytes(16)  # the middle of some datagram: no L4 header
+    # A non-first fragment carries the middle of some datagram: no L4 header.
+    payload = bytes(16) if probe.fragment else _l4(probe)
     if probe.src.version == 4:
         frag = FRAGMENT_OFFSET if probe.fragment else 0
         header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 1, frag, 64,
