@@ -131,7 +131,7 @@ def test_auditd_opens_store_and_records(tmp_path: Path, instance: str) -> None:
         assert proc.stop() == 0
     assert before.database == str(tmp_path / "state" / "audit.sqlite")
     assert Path(before.database).exists()
-    assert before.schema_version == 1
+    assert before.schema_version == 2  # catalog + chunk files
     assert reply.id > 0
     assert after.records == before.records + 1
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -23,6 +23,9 @@ DEFAULT_CONFIG = "/etc/vpnr/router.toml"
 _INSTANCE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,23}$")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _PEER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+_SYSLOG_RE = re.compile(r"^(unix:/\S+|(udp|tcp)://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):"
+                        r"([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}"
+                        r"|655[0-2][0-9]|6553[0-5]))$")
 
 
 class ConfigError(Exception):
@@ -145,11 +148,58 @@ class TunneldConfig(MetricsConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
+class JsonSinkConfig:
+    """auditd's JSON lines file: one record per line, rotated by size and age."""
+
+    enabled: bool = doc("Write the JSON lines file.", "", True)
+    path: str = doc("File name; relative paths are under the state directory. Rotated files "
+                    "get a .1, .2, ... suffix (.1 is the newest).", "path", "audit.jsonl")
+    max_file_mib: int = doc("Rotate when the file reaches this size.", "positive", 100)
+    rotate_seconds: int = doc("Rotate when the file is this old; 0 rotates by size only.",
+                              "nonneg", 86400)
+    keep_files: int = doc("Rotated files kept; older ones are deleted.", "positive", 10)
+    buffer_records: int = doc("Records held while the file is slow; beyond this they are "
+                              "dropped and counted.", "positive", 200000)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SyslogSinkConfig:
+    """auditd's syslog output: RFC 5424 messages, facility local0."""
+
+    enabled: bool = doc("Send records to syslog.", "", False)
+    target: str = doc("unix:/dev/log (the local syslog socket), udp://host:port or "
+                      "tcp://host:port (RFC 6587 octet counting).", "syslog", "unix:/dev/log")
+    hostname: str = doc("HOSTNAME field; empty uses this host's name.", "", "")
+    buffer_records: int = doc("Records held while syslog is slow or away; beyond this they "
+                              "are dropped and counted.", "positive", 100000)
+
+
+@dataclass(frozen=True, kw_only=True)
 class AuditdConfig(MetricsConfig):
     """auditd: ring buffer drain and sinks."""
 
-    database: str = doc("SQLite file; relative paths are under the state directory.", "path",
-                        "audit.sqlite")
+    database: str = doc("SQLite catalog file; records live in chunk files in the directory "
+                        "<name>.chunks beside it. Relative paths are under the state "
+                        "directory.", "path", "audit.sqlite")
+    batch_rows: int = doc("Most records written to SQLite in one transaction.", "positive",
+                          50000)
+    batch_interval_ms: int = doc("How long records may wait to be batched before they are "
+                                 "committed (the latency bound of a quiet stream).", "nonneg", 2)
+    max_buffered: int = doc("Records held in memory while SQLite falls behind; beyond this "
+                            "they are dropped and counted.", "positive", 1000000)
+    chunk_rows: int = doc("Records per chunk file; a full chunk is sealed and indexed.",
+                          "positive", 500000)
+    chunk_seconds: int = doc("Seal the open chunk when its first record is this old.",
+                             "positive", 3600)
+    retention_days: float = doc("Delete chunks whose newest record is older than this.",
+                                "positive", 30.0)
+    max_disk_mib: int = doc("Delete the oldest chunks while the chunks take more than this; "
+                            "0 means no size limit.", "nonneg", 0)
+    follow_buffer: int = doc("Records queued for one Follow client; a client that falls this "
+                             "far behind is cut off with the cursor to resume from.",
+                             "positive", 10000)
+    json: JsonSinkConfig = doc("JSON lines file sink.", "", JsonSinkConfig())
+    syslog: SyslogSinkConfig = doc("Syslog sink.", "", SyslogSinkConfig())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -243,6 +293,8 @@ def _check(file: str, key: str, check: str, value: Any) -> None:
             fail("host:port")
     elif check == "url" and not re.match(r"^https?://[^\s/]+", value):
         fail("an http(s) URL")
+    elif check == "syslog" and not _SYSLOG_RE.fullmatch(value):
+        fail("unix:/absolute/path, udp://host:port or tcp://host:port")
 
 
 def parse_cidr(file: str, key: str, value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:

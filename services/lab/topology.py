@@ -114,6 +114,7 @@ class LabSpec:
     bpffs_dir: Path = Path("/sys/fs/bpf/vpnr")
     admin_group: str = "vpnr-admin"
     with_idp: bool = True
+    syslog: bool = False   # auditd sends syslog to a Unix socket per site (syslog_socket)
 
     def __post_init__(self) -> None:
         if not LAB_NAME_RE.fullmatch(self.name):
@@ -151,8 +152,15 @@ class LabSpec:
         """Site by letter."""
         return {s.letter: s for s in self.sites}[letter]
 
+    def syslog_socket(self, site: Site) -> Path:
+        """Where the site's auditd sends syslog when ``syslog`` is on (someone else binds it:
+        the tests do)."""
+        return self.lab_dir / f"syslog-{site.letter}.sock"
+
     def router_config(self, site: Site) -> str:
         """The router's TOML configuration."""
+        syslog = (f'[auditd.syslog]\nenabled = true\ntarget = "unix:{self.syslog_socket(site)}"\n'
+                  f'hostname = "{site.instance}"\n\n' if self.syslog else "")
         idp = f'issuer = "{self.issuer}"\nclient_id = "vpnr-idpd"\n' if self.with_idp else ""
         return (
             "# Written by vpnr-lab; removed by `vpnr-lab down`.\n"
@@ -170,6 +178,7 @@ class LabSpec:
             'wan_interface = "wan0"\n\n'
             "[auditd]\n"
             f"metrics_port = {METRICS_PORTS['auditd']}\n\n"
+            + syslog +
             "[idpd]\n"
             f"metrics_port = {METRICS_PORTS['idpd']}\n"
             + idp

@@ -24,6 +24,22 @@ def call_timeout(args: argparse.Namespace, streaming: bool) -> float | None:
     return float(args.timeout) or None
 
 
+def bounded_int(kind: str, low: int, high: int) -> Callable[[str], int]:
+    """An argparse ``type`` for a decimal integer in ``low..high``; ``kind`` names it in the
+    message (``expected a port (1-65535), got 0``)."""
+    def convert(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind} ({low}-{high}), "
+                                             f"got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {kind} ({low}-{high}), got {value}")
+        return value
+    convert.__name__ = kind  # argparse names the type in some messages
+    return convert
+
+
 def emit(text: str) -> None:
     """Write one rendered document to stdout now (streams print as they arrive)."""
     print(text, flush=True)

@@ -3,7 +3,8 @@
 ``list``, ``describe`` and ``call`` work from server reflection only; ``status`` and
 ``health`` are friendly verbs over the four daemons of one router instance; ``policy``,
 ``snapshot``, ``role``, ``rule``, ``binding`` and ``zone`` speak to policyd (registered from
-:mod:`vpnr.vpnctl.policy_verbs` and :mod:`vpnr.vpnctl.policy_object_verbs`).
+:mod:`vpnr.vpnctl.policy_verbs` and :mod:`vpnr.vpnctl.policy_object_verbs`); ``audit`` speaks
+to auditd (registered from :mod:`vpnr.vpnctl.audit_verbs`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from vpnr.vpnctl import policy_object_verbs, policy_verbs
+from vpnr.vpnctl import audit_verbs, policy_object_verbs, policy_verbs
 from vpnr.vpnctl.commandline import DEFAULT_TIMEOUT, Handler, call_timeout, emit
 from vpnr.vpnctl.output import (
     FORMATS,
@@ -81,6 +82,8 @@ examples:
   vpnctl policy test --src 10.1.0.10 --dst 10.2.0.5 --dport 22
   vpnctl rule list --role eng
   vpnctl snapshot create before-change
+  vpnctl audit events --since 15m --verdict deny # the audit log (see vpnctl audit --help)
+  vpnctl audit events --follow --role eng
 """
 
 
@@ -164,6 +167,7 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = N
                         help="service whose health to check (default: the whole server)")
     policy_verbs.add_commands(commands, common)
     policy_object_verbs.add_commands(commands, common)
+    audit_verbs.add_commands(commands, common)
     return parser.parse_args(argv)
 
 

@@ -15,7 +15,14 @@ from typing import Any, cast
 
 from vpnr.v1 import codes_pb2, policy_pb2
 from vpnr.vpnctl import policyfile
-from vpnr.vpnctl.commandline import Subcommands, add_group, add_verb, call_timeout, emit
+from vpnr.vpnctl.commandline import (
+    Subcommands,
+    add_group,
+    add_verb,
+    bounded_int,
+    call_timeout,
+    emit,
+)
 from vpnr.vpnctl.output import render, table_lines
 from vpnr.vpnctl.policy_client import PolicyClient
 from vpnr.vpnctl.policy_terms import (
@@ -60,27 +67,13 @@ def show(args: argparse.Namespace, data: Any, table_text: str) -> None:
     emit(table_text if args.output == "table" else render(data, args.output))
 
 
-def _bounded(kind: str, low: int, high: int) -> Any:
-    def convert(text: str) -> int:
-        try:
-            value = int(text, 10)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind} ({low}-{high}), "
-                                             f"got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected {kind} ({low}-{high}), got {value}")
-        return value
-    convert.__name__ = kind
-    return convert
-
-
-port_arg = _bounded("a port", 1, PORT_MAX)
-icmp_type_arg = _bounded("an ICMP type", 0, ICMP_TYPE_MAX)
-rule_id_arg = _bounded("a rule id", 1, UINT32_MAX)
-priority_arg = _bounded("a priority", 0, UINT32_MAX)
-version_arg = _bounded("a policy version", 0, UINT64_MAX)
-snapshot_id_arg = _bounded("a snapshot id", 1, UINT64_MAX)
-page_size_arg = _bounded("a page size", 0, UINT32_MAX)
+port_arg = bounded_int("a port", 1, PORT_MAX)
+icmp_type_arg = bounded_int("an ICMP type", 0, ICMP_TYPE_MAX)
+rule_id_arg = bounded_int("a rule id", 1, UINT32_MAX)
+priority_arg = bounded_int("a priority", 0, UINT32_MAX)
+version_arg = bounded_int("a policy version", 0, UINT64_MAX)
+snapshot_id_arg = bounded_int("a snapshot id", 1, UINT64_MAX)
+page_size_arg = bounded_int("a page size", 0, UINT32_MAX)
 
 
 def prefix_arg(text: str) -> str:
