@@ -187,7 +187,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """One two-site lab (3 hosts per site, real IdP) shared by the lab tests of a run."""
     name = unique("l")
     spec = LabSpec(name=name, instance_prefix=f"{name}-",
-                   base_dir=tmp_path_factory.mktemp("lab"), with_idp=True, hosts_per_site=3)
+                   base_dir=tmp_path_factory.mktemp("lab"), with_idp=True, hosts_per_site=3,
+                   syslog=True)
     running = Lab(spec)
     try:
         running.up()

@@ -1,5 +1,6 @@
 """The lab policy enforced on real traffic between namespaces: roles decide, denials are
-audited in the ring buffer, and revoking a role stops an established TCP flow at once.
+audited (auditd's Query, Follow, JSON file and syslog), and revoking a role stops an
+established TCP flow at once.
 
 Site A: host 1 is "eng", host 2 is "sales", host 3 has no binding (services/lab/policy.py).
 The router namespace runs echo servers (tests/netprobe.py) on its LAN addresses.
@@ -7,6 +8,8 @@ The router namespace runs echo servers (tests/netprobe.py) on its LAN addresses.
 
 from __future__ import annotations
 
+import json
+import socket
 import subprocess
 import sys
 import time
@@ -17,11 +20,9 @@ import grpc
 import pytest
 
 from vpnr.core.client import socket_target
-from vpnr.core.ringbuf import RingReader
 from vpnr.lab.lab import Lab
 from vpnr.lab.topology import Site
-from vpnr.policyd import layout
-from vpnr.v1 import codes_pb2, policy_pb2, policy_pb2_grpc
+from vpnr.v1 import audit_pb2, audit_pb2_grpc, codes_pb2, common_pb2, policy_pb2, policy_pb2_grpc
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 
@@ -94,54 +95,96 @@ def test_roles_decide_ping_tcp_udp_between_namespaces(lab: Lab, servers: Site) -
     }
 
 
-def drain(reader: RingReader) -> None:
-    """Consume what is in the ring now."""
-    for _ in range(1000):  # bounded: stop once a pass finds nothing
-        if reader.consume() == 0:
-            return
+@pytest.fixture
+def audit(lab: Lab) -> Iterator[audit_pb2_grpc.AuditServiceStub]:
+    """AuditService of site A's auditd."""
+    path = lab.spec.run_dir / lab.spec.site("a").instance / "auditd.sock"
+    with grpc.insecure_channel(socket_target(path)) as channel:
+        yield audit_pb2_grpc.AuditServiceStub(channel)
 
 
-def test_each_denied_flow_leaves_an_audit_event_in_the_ring(lab: Lab, servers: Site,
-                                                            stub: policy_pb2_grpc.
-                                                            PolicyServiceStub) -> None:
-    site = servers
-    events: list[dict[str, object]] = []
-    reader = RingReader(str(lab.spec.bpffs_dir / site.instance / "audit_ring"),
-                        lambda raw: events.append(layout.decode_audit_event(raw)))
+@pytest.fixture
+def syslog(lab: Lab) -> Iterator[socket.socket]:
+    """A syslog receiver on the Unix socket site A's auditd sends to."""
+    path = lab.spec.syslog_socket(lab.spec.site("a"))
+    path.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(0.1)
     try:
-        drain(reader)
-        events.clear()
-        assert probe(lab, site, 2, "tcp", 22) == "FAIL"      # explicit deny rule 22
-        assert probe(lab, site, 2, "tcp", 5001) == "FAIL"    # no rule: default deny
-        assert not ping(site, 3, site.router_lan_v4)          # no binding
-        time.sleep(0.2)
-        drain(reader)
+        yield sock
     finally:
-        reader.close()
-    host2 = bytes(int(x) for x in site.host_v4(2).split("."))
-    host3 = bytes(int(x) for x in site.host_v4(3).split("."))
-    router = bytes(int(x) for x in site.router_lan_v4.split("."))
-    roles = {r.name: r.id for r in stub.ListRoles(policy_pb2.ListRolesRequest()).roles}
+        sock.close()
+        path.unlink(missing_ok=True)
 
-    def matching(src: bytes, **fields: object) -> list[dict[str, object]]:
-        return [e for e in events if e["src"] == src.ljust(16, b"\0")
-                and e["dst"] == router.ljust(16, b"\0")
-                and all(e[k] == v for k, v in fields.items())]
 
-    ssh = matching(host2, dst_port=22, ip_protocol=6)
-    assert ssh, events
-    assert all(e["verdict"] == codes_pb2.VERDICT_DENY and e["reason"] == codes_pb2.REASON_RULE_DENY
-               and e["rule_id"] == 22 and e["roles"] == (roles["sales"],)
-               and e["src_zone"] == codes_pb2.ZONE_INTERNAL
-               and e["dst_zone"] == codes_pb2.ZONE_INTERNAL for e in ssh), ssh
-    service = matching(host2, dst_port=5001, ip_protocol=6)
-    assert service and all(e["reason"] == codes_pb2.REASON_DEFAULT_DENY and e["rule_id"] == 0
-                           for e in service), service
-    unbound = matching(host3, ip_protocol=1)
-    assert unbound and all(e["reason"] == codes_pb2.REASON_NO_ROLE and e["roles"] == ()
-                           for e in unbound), unbound
-    assert all(e["event_version"] == layout.AUDIT_EVENT_VERSION and e["ktime_ns"]
-               for e in ssh + service + unbound)
+def test_each_denied_flow_is_an_audit_record_within_a_second_everywhere(
+        lab: Lab, servers: Site, audit: audit_pb2_grpc.AuditServiceStub,
+        syslog: socket.socket) -> None:
+    site = servers
+    router = site.router_lan_v4
+    follow = audit.Follow(audit_pb2.FollowRequest(filter=audit_pb2.AuditFilter(
+        dst_prefix=f"{router}/32", verdicts=[codes_pb2.VERDICT_DENY])), timeout=60)
+    time.sleep(0.5)  # the stream is open and the syslog sink has reconnected
+    start = audit.Status(audit_pb2.AuditStatusRequest(), timeout=10).last_id
+    assert probe(lab, site, 2, "tcp", 22) == "FAIL"      # explicit deny rule 22
+    denied_at = time.monotonic()
+    assert probe(lab, site, 2, "tcp", 5001) == "FAIL"    # no rule: default deny
+    assert not ping(site, 3, router)                      # no binding
+
+    def records(**filters: object) -> list[audit_pb2.AuditRecord]:
+        return list(audit.Query(audit_pb2.QueryRequest(
+            filter=audit_pb2.AuditFilter(dst_prefix=f"{router}/32",
+                                         **filters),  # type: ignore[arg-type]
+            page=common_pb2.PageRequest(page_size=100)), timeout=10).records)
+
+    ssh: list[audit_pb2.AuditRecord] = []
+    for _ in range(200):  # the SSH SYN was denied at denied_at; its record within 1 s
+        ssh = [r for r in records(src_prefix=f"{site.host_v4(2)}/32")
+               if r.packet.dst_port == 22 and r.id > start]
+        if ssh or time.monotonic() - denied_at > 1.0:
+            break
+        time.sleep(0.01)
+    assert ssh, "no record of the denied SSH attempt within 1 s"
+    assert all(r.packet.verdict == codes_pb2.VERDICT_DENY
+               and r.packet.reason == codes_pb2.REASON_RULE_DENY and r.packet.rule_id == 22
+               and r.packet.rule_role == "sales" and list(r.packet.roles) == ["sales"]
+               and r.packet.interface == "lan0" and r.packet.ip_protocol == 6
+               and r.packet.src_zone == codes_pb2.ZONE_INTERNAL
+               and r.packet.dst_zone == codes_pb2.ZONE_INTERNAL for r in ssh), ssh
+    time.sleep(0.5)
+    service = [r for r in records(src_prefix=f"{site.host_v4(2)}/32")
+               if r.packet.dst_port == 5001 and r.id > start]
+    assert service and all(r.packet.reason == codes_pb2.REASON_DEFAULT_DENY
+                           and r.packet.rule_id == 0 for r in service), service
+    unbound = [r for r in records(src_prefix=f"{site.host_v4(3)}/32")
+               if r.packet.ip_protocol == 1 and r.id > start]
+    assert unbound and all(r.packet.reason == codes_pb2.REASON_NO_ROLE
+                           and not r.packet.roles for r in unbound), unbound
+
+    ids = {r.id for r in ssh + service + unbound}
+    followed: set[int] = set()
+    for record in follow:  # bounded by the ids we wait for and the stream's deadline
+        followed.add(record.id)
+        if ids <= followed:
+            break
+    follow.cancel()
+    assert ids <= followed
+
+    lines = (site.state_dir / "audit.jsonl").read_text().splitlines()
+    in_json = {x["id"]: x for x in map(json.loads, lines) if x["id"] in ids}
+    assert set(in_json) == ids
+    assert all(in_json[r.id]["verdict"] == "DENY" and in_json[r.id]["src"] == site.host_v4(2)
+               and in_json[r.id]["rule_id"] == 22 for r in ssh)
+    messages: list[str] = []
+    for _ in range(100):
+        try:
+            messages.append(syslog.recv(65536).decode())
+        except TimeoutError:
+            break
+    in_syslog = {i for i in ids for m in messages if f'id="{i}"' in m}
+    assert in_syslog == ids
+    assert all(m.startswith("<132>1 ") for m in messages if 'verdict="DENY"' in m)
 
 
 def test_revoking_a_role_stops_an_established_tcp_flow_on_the_next_packet(

@@ -45,8 +45,8 @@ def clock_offset_ns() -> int:
 
 
 class RoleNames:
-    """Role id -> name, as policyd assigned them; refreshed from policyd when an event
-    names a newer policy version or an unknown role (at most once a second)."""
+    """Role id -> name, as policyd assigned them (ids are stable; a deleted role's id may
+    be reused by a new role, so names are re-read whenever the policy version moves)."""
 
     def __init__(self, policyd_socket: Path) -> None:
         self.socket = policyd_socket
@@ -54,22 +54,7 @@ class RoleNames:
         self.version = -1
         self.generation = 0          # bumped when the mapping changes
         self.error = ""
-        self._wanted = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        """Start the background refresher."""
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        """Stop the refresher."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    def want_refresh(self) -> None:
-        """Ask for a refresh (cheap; called from the hot path)."""
-        self._wanted.set()
+        self._last_try = -NAME_REFRESH_INTERVAL
 
     async def refresh(self) -> None:
         """Fetch every role's id and name from policyd."""
@@ -91,16 +76,23 @@ class RoleNames:
         self.version = status.policy_version
         self.error = ""
 
-    async def _run(self) -> None:
-        while True:
-            await self._wanted.wait()
-            self._wanted.clear()
-            try:
-                await self.refresh()
-            except grpc.aio.AioRpcError as exc:
-                self.error = f"cannot read role names from policyd: {exc.code().name}"
-                log.warning("role names not refreshed", extra={"error": self.error})
-            await asyncio.sleep(NAME_REFRESH_INTERVAL)
+    async def catch_up(self, seen_version: int = 0, timeout: float = 1.0) -> bool:
+        """Refresh now if events carry a newer policy version than the names, else at most
+        once a second; True when the mapping or the version moved (events are then worth
+        decoding again)."""
+        now = time.monotonic()
+        if seen_version <= self.version and now - self._last_try < NAME_REFRESH_INTERVAL:
+            return False
+        self._last_try = now
+        before = (self.generation, self.version)
+        try:
+            await asyncio.wait_for(self.refresh(), timeout)
+        except (grpc.aio.AioRpcError, TimeoutError) as exc:
+            code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "TIMEOUT"
+            self.error = f"cannot read role names from policyd: {code}"
+            log.warning("role names not refreshed", extra={"error": self.error})
+            return False
+        return (self.generation, self.version) != before
 
 
 class Decoder:
@@ -114,12 +106,14 @@ class Decoder:
         self._interfaces: dict[int, str] = {}
         self.malformed = 0
         self.decoded = 0
+        self.unresolved = False   # the last decode met an unknown role or a newer policy
+        self.max_version = 0      # newest policy version in the last decode
 
     def role_name(self, role_id: int) -> str:
-        """A role's name; ``role#N`` while policyd has not told us (a refresh is asked)."""
+        """A role's name; ``role#N`` when policyd has not told us of it."""
         name = self.roles.names.get(role_id)
         if name is None:
-            self.roles.want_refresh()
+            self.unresolved = True
             return f"role#{role_id}"
         return name
 
@@ -149,6 +143,7 @@ class Decoder:
             self._generation = self.roles.generation
             self._rolesets.clear()
         offset = clock_offset_ns()
+        self.unresolved = False
         version_seen = self.roles.version
         unpack = _EVENT.unpack_from
         size = _EVENT.size
@@ -170,13 +165,12 @@ class Decoder:
             if roleset is None:
                 roleset = self._roleset(key) if key else 0
             if version > version_seen:
-                self.roles.want_refresh()
-                version_seen = version
+                self.unresolved = True
+                version_seen = self.max_version = version
             iface = interfaces.get(ifindex) or self.interface(ifindex)
             append((next_id, ktime + offset, R.KIND_PACKET, verdict, reason, src, dst, sport, dport,
                     proto, roleset, rule_id, self.role_name(rule_role) if rule_id else None,
                     iface, src_zone, dst_zone, None, version, ktime, pkt_len, icmp, flags,
                     source))
             next_id += 1
-        self.decoded += len(rows)
         return rows

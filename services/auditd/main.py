@@ -94,9 +94,7 @@ class Auditd(DaemonApp):
         self.formatter = R.Formatter(router.instance, self.store.rolesets)
         self.hub = FollowHub()
         self.roles = RoleNames(router.socket_path("policyd"))
-        with contextlib.suppress(grpc.aio.AioRpcError, TimeoutError):
-            await asyncio.wait_for(self.roles.refresh(), STARTUP_NAMES_TIMEOUT)
-        self.roles.start()
+        await self.roles.catch_up(timeout=STARTUP_NAMES_TIMEOUT)
         self.sinks = []
         if cfg.json.enabled:
             self.sinks.append(JsonLinesSink(cfg.json, self.state_file(cfg.json.path),
@@ -140,7 +138,6 @@ class Auditd(DaemonApp):
         with contextlib.suppress(AttributeError):
             for sink in self.sinks:
                 await sink.close()
-            await self.roles.stop()
             self.kernel.close()
         with contextlib.suppress(AttributeError):
             await self.store.close()

@@ -181,7 +181,7 @@ class Pipeline:
             events, end = ring.read(self.read_pos, self.batch_rows)
             if end != self.read_pos:
                 self.read_pos = end
-                self._queue_events(ring, events, end)
+                await self._queue_events(ring, events, end)
                 continue
             if loop.time() - checked > RING_WAIT_SECONDS:
                 checked = loop.time()
@@ -189,8 +189,12 @@ class Pipeline:
                     return
             await self._wait_for_data(ring)
 
-    def _queue_events(self, ring: MappedRing, events: list[bytes], end: int) -> None:
+    async def _queue_events(self, ring: MappedRing, events: list[bytes], end: int) -> None:
         rows = self.decoder.decode(events, self.store.next_id)
+        if self.decoder.unresolved and await self.decoder.roles.catch_up(
+                self.decoder.max_version):
+            # A new policy or role: names as of the event, not placeholders, in the store.
+            rows = self.decoder.decode(events, self.store.next_id)
         self.store.next_id += len(rows)
         self.drained += len(rows)
         self._rate.append((time.monotonic(), len(rows)))
