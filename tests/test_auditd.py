@@ -12,9 +12,12 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 import signal
 import socket
+import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +38,7 @@ pytestmark = pytest.mark.root
 SOURCE = "10.1.0.10"
 OTHER = "10.1.0.20"
 TARGET = "192.0.2.1"
+METRICS_PORT = 9471  # inside the test's own namespace
 
 
 def frame(port: int, src: str = SOURCE) -> bytes:
@@ -487,3 +491,72 @@ def test_a_full_disk_under_sqlite_is_reported_and_the_json_file_keeps_working(
                 page=common_pb2.PageRequest(page_size=5)), timeout=10).records  # reads work
         finally:
             stop_router(router)
+
+
+def test_a_full_ring_while_auditd_is_down_is_counted_exactly(
+        tmp_path: Path, netns: str, instance: str) -> None:
+    router = start_router(tmp_path, netns, instance,
+                          auditd_extra=f"metrics_port = {METRICS_PORT}\n")
+    try:
+        stored_before = len(router.query(src_prefix=f"{SOURCE}/32"))
+        lost_before = router.status().lost_by_cause["kernel_reserve_failed"]
+        router.auditd.stop()
+        ring_events = (8 << 20) // 128   # the default 8 MiB ring holds 65536 records
+        generated = ring_events + 5000
+        router.emit(81, generated)       # nobody drains: the ring fills, the rest is counted
+        router.restart_auditd(signal.SIGTERM)  # already stopped: this starts it
+        wait_for(lambda: len(router.query(src_prefix=f"{SOURCE}/32")) - stored_before
+                 >= ring_events - 100, 10, "the waiting events drained first")
+        time.sleep(0.5)
+        stored = len(router.query(src_prefix=f"{SOURCE}/32")) - stored_before
+        lost = router.status().lost_by_cause["kernel_reserve_failed"] - lost_before
+        # Every event generated is either stored or counted as a failed reserve (the veth's
+        # own IPv6 chatter can take a few slots of the ring meanwhile).
+        assert stored + lost <= generated <= stored + lost + 20, (stored, lost, generated)
+        assert lost >= 5000
+        scraped = subprocess.run(
+            ["nsenter", f"--net=/run/netns/{netns}", sys.executable, "-c",
+             "import urllib.request, sys; sys.stdout.write(urllib.request.urlopen("
+             f"'http://127.0.0.1:{METRICS_PORT}/metrics', timeout=5).read().decode())"],
+            capture_output=True, text=True, timeout=20, check=True).stdout
+        metric = re.search(r'^vpnr_audit_lost_records_total\{cause="kernel_reserve_failed"\} '
+                           r"(\S+)$", scraped, re.MULTILINE)
+        assert metric and float(metric.group(1)) >= lost
+        assert re.search(r'^vpnr_audit_sink_healthy\{sink="sqlite"\} 1\.0$', scraped,
+                         re.MULTILINE)
+    finally:
+        stop_router(router)
+
+
+def test_full_chunks_are_sealed_indexed_and_deleted_by_retention(
+        tmp_path: Path, netns: str, instance: str) -> None:
+    # Chunks of 100 records; retention of 2 seconds (0.0000231 days).
+    router = start_router(tmp_path, netns, instance,
+                          auditd_extra="chunk_rows = 100\nretention_days = 0.0000231\n")
+    try:
+        router.emit(81, 150)
+        wait_for(lambda: len(router.query(src_prefix=f"{SOURCE}/32")) == 150, 3, "150 stored")
+        router.emit(81, 100)  # the first write past 100 records seals the open chunk
+        wait_for(lambda: len(router.query(src_prefix=f"{SOURCE}/32")) == 250, 3, "250 stored")
+        chunk_dir = tmp_path / "state" / "audit.sqlite.chunks"
+
+        def indexed() -> bool:
+            sealed = sorted(chunk_dir.glob("*.sqlite"))[0]
+            with contextlib.closing(sqlite3.connect(f"file:{sealed}?mode=ro", uri=True)) as db:
+                names = {r[0] for r in db.execute(
+                    "SELECT name FROM sqlite_master WHERE type='index'")}
+                plan = " ".join(str(r) for r in db.execute(
+                    "EXPLAIN QUERY PLAN SELECT id FROM records WHERE src BETWEEN ? AND ?",
+                    (b"\x0a\x01\x00\x00", b"\x0a\x01\x00\xff")))
+            return {"records_src", "records_time", "records_roleset"} <= names and \
+                "records_src" in plan
+        wait_for(indexed, 5, "the sealed chunk indexed, and used for an address range")
+        assert router.status().chunks >= 2
+        time.sleep(2.5)       # the first chunk's records are now past retention
+        router.emit(81, 100)  # the next seal applies retention
+        wait_for(lambda: router.status().lost_by_cause["retention_deleted"] >= 100, 5,
+                 "retention deleted the old chunk")
+        left = len(router.query(src_prefix=f"{SOURCE}/32"))
+        assert left == 350 - router.status().lost_by_cause["retention_deleted"]
+    finally:
+        stop_router(router)

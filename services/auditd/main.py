@@ -86,8 +86,9 @@ class Auditd(DaemonApp):
         """Open the store, learn role names, start the sinks and the drain."""
         cfg = self.config.auditd
         try:
-            self.store = await AuditStore.open(self.state_file(cfg.database), cfg.chunk_rows,
-                                               cfg.chunk_seconds)
+            self.store = await AuditStore.open(
+                self.state_file(cfg.database), cfg.chunk_rows, cfg.chunk_seconds,
+                (cfg.retention_days * 86400, cfg.max_disk_mib << 20))
         except StoreError as exc:
             raise StartupError(str(exc)) from exc
         router = self.config.router
@@ -120,11 +121,9 @@ class Auditd(DaemonApp):
             sink.offer(rows)
 
     async def _retain(self) -> None:
-        cfg = self.config.auditd
         while True:
             try:
-                await self.store.apply_retention(cfg.retention_days * 86400,
-                                                 cfg.max_disk_mib << 20)
+                await self.store.apply_retention()
             except (OSError, StoreError) as exc:
                 log.warning("retention failed", extra={"error": str(exc)})
             await asyncio.sleep(RETENTION_INTERVAL_SECONDS)

@@ -117,12 +117,13 @@ class AuditStore:
     """The catalog and its chunks; one writer (the drain loop), many readers."""
 
     def __init__(self, path: Path, catalog: aiosqlite.Connection, chunk_rows: int,
-                 chunk_seconds: float) -> None:
+                 chunk_seconds: float, retention: tuple[float, int]) -> None:
         self.path = path
         self.chunk_dir = path.with_name(path.name + ".chunks")
         self._catalog = catalog
         self.chunk_rows = chunk_rows
         self.chunk_seconds = chunk_seconds
+        self.retention = retention   # (max age in seconds, max bytes or 0)
         self.chunks: list[Chunk] = []
         self.rolesets: dict[int, tuple[str, ...]] = {}
         self._roleset_ids: dict[tuple[str, ...], int] = {}
@@ -136,15 +137,16 @@ class AuditStore:
     # -- opening ----------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, path: Path, chunk_rows: int = 500_000,
-                   chunk_seconds: float = 3600.0) -> AuditStore:
-        """Open (creating if needed) the catalog and the open chunk."""
+    async def open(cls, path: Path, chunk_rows: int = 500_000, chunk_seconds: float = 3600.0,
+                   retention: tuple[float, int] = (30 * 86400.0, 0)) -> AuditStore:
+        """Open (creating if needed) the catalog and the open chunk. ``retention`` is
+        (max age in seconds, max bytes or 0), applied by :meth:`apply_retention`."""
         try:
             catalog = await open_database(path, _CATALOG, SCHEMA_VERSION, "auditd",
                                           autocommit=True)
         except SchemaError as exc:
             raise StoreError(str(exc)) from exc
-        store = cls(path, catalog, chunk_rows, chunk_seconds)
+        store = cls(path, catalog, chunk_rows, chunk_seconds, retention)
         try:
             store.chunk_dir.mkdir(mode=0o750, exist_ok=True)
             await store._load()
@@ -322,6 +324,7 @@ class AuditStore:
         await self._new_chunk()
         self._writer = await self._open_chunk(self.chunks[-1].path)
         self._index_later(chunk)
+        await self.apply_retention()
 
     async def _mark_sealed(self, chunk: Chunk) -> None:
         chunk.sealed = True
@@ -358,9 +361,11 @@ class AuditStore:
 
     # -- retention --------------------------------------------------------------------
 
-    async def apply_retention(self, max_age_seconds: float, max_bytes: int) -> int:
-        """Delete sealed chunks older than ``max_age_seconds`` or, oldest first, beyond
-        ``max_bytes`` (0: no limit); returns how many records were deleted."""
+    async def apply_retention(self) -> int:
+        """Delete sealed chunks whose newest record is older than the retention age or,
+        oldest first, while the store is over its size limit; returns how many records
+        were deleted. Runs at every seal and periodically."""
+        max_age_seconds, max_bytes = self.retention
         cutoff = time.time_ns() - int(max_age_seconds * 1e9)
         doomed: list[Chunk] = []
         total = self.disk_bytes()

@@ -14,7 +14,17 @@ import grpc
 from vpnr.core.client import is_serving, socket_target
 from vpnr.lab.lab import Lab, LabError
 from vpnr.lab.topology import DAEMONS, LabSpec, Site
-from vpnr.v1 import codes_pb2, idp_pb2, idp_pb2_grpc, policy_pb2, policy_pb2_grpc
+from vpnr.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    codes_pb2,
+    common_pb2,
+    idp_pb2,
+    idp_pb2_grpc,
+    policy_pb2,
+    policy_pb2_grpc,
+)
+from vpnr.vpnctl.audit_view import record_line
 
 ICMP = 1
 # A TCP connection attempt to port 22 that reports what came back within a second.
@@ -126,6 +136,7 @@ def demo(lab: Lab) -> int:
             print(f"   idpd: issuer {idp.issuer}, discovery "
                   f"{'ok' if idp.discovery_ok else 'FAILED: ' + idp.discovery_error}")
     print(f"\nInspect: vpnctl --instance {spec.sites[0].instance} status | "
+          f"vpnctl --instance {spec.sites[0].instance} audit events --verdict deny | "
           f"Tear down: vpnr-lab down --name {spec.name}")
     return 0
 
@@ -134,7 +145,11 @@ def show_traffic(lab: Lab, site: Site) -> None:
     """Real traffic from the site's hosts to its router, and what the kernel decided."""
     spec = lab.spec
     path = spec.run_dir / site.instance / "policyd.sock"
+    audit_path = spec.run_dir / site.instance / "auditd.sock"
     roles = {1: "eng", 2: "sales"}
+    with grpc.insecure_channel(socket_target(audit_path)) as audit_channel:
+        audit = audit_pb2_grpc.AuditServiceStub(audit_channel)
+        first = audit.Status(audit_pb2.AuditStatusRequest(), timeout=5).last_id
     with grpc.insecure_channel(socket_target(path)) as channel:
         stub = policy_pb2_grpc.PolicyServiceStub(channel)
         before = stub.Status(policy_pb2.PolicyStatusRequest(), timeout=5)
@@ -160,6 +175,27 @@ def show_traffic(lab: Lab, site: Site) -> None:
     print(f"   audit ring: +{emitted} events for the packets denied meanwhile "
           f"(lost: {after.audit_lost_reserve} ring full, "
           f"{after.audit_lost_rate_limit} rate-limited)")
+    show_audit(audit_path, first, emitted)
+
+
+def show_audit(path: Path, after_id: int, expected: int) -> None:
+    """The denials auditd stored from the demo's traffic (what `vpnctl audit events`
+    shows), waiting up to a second for the last of them."""
+    denied = audit_pb2.AuditFilter(verdicts=[codes_pb2.VERDICT_DENY], packets_only=True)
+    records: list[audit_pb2.AuditRecord] = []
+    with grpc.insecure_channel(socket_target(path)) as channel:
+        stub = audit_pb2_grpc.AuditServiceStub(channel)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            reply = stub.Query(audit_pb2.QueryRequest(
+                filter=denied, page=common_pb2.PageRequest(page_size=50)), timeout=5)
+            records = [r for r in reply.records if r.id > after_id]
+            if len(records) >= expected:
+                break
+            time.sleep(0.05)
+    print(f"   auditd: {len(records)} denials stored (SQLite, JSON file), newest first:")
+    for record in records[:6]:
+        print(f"     {record_line(record)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
