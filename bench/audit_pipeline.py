@@ -22,7 +22,7 @@ released, no rows queued, every sealed chunk indexed) and counts:
 - *generated*: what the generator asked for; cross-checked with the kernel's ``audit_lost``
   per-CPU counters (emitted, ring reserve failures, rate limited), read before and after;
 - *stored*: the delta of Status.records (auditd's count of rows in SQLite), once auditd has
-  caught up (Status polled every 20 ms until stored reaches the kernel's emitted count with
+  caught up (Status polled every 50 ms until stored reaches the kernel's emitted count with
   the ring released and nothing queued, bounded at 30 s, or 5 s without progress);
 - losses by cause: reserve failures and rate limiting (kernel), ``sink_sqlite_dropped``
   and ``sink_json_dropped`` (Status.lost_by_cause deltas).
@@ -106,8 +106,8 @@ QUICK_RATES = (10_000, 50_000)
 TICK_S = 0.001               # generator pacing tick
 GEN_SHORTFALL = 0.95         # a generator below this share of its target missed it
 KEPT_UP_S = 1.0              # catch-up bound for "kept up"
-RUN_SAMPLE_S = 0.1           # Status polling while the generator runs
-DRAIN_SAMPLE_S = 0.02        # Status polling while auditd catches up
+RUN_SAMPLE_S = 0.25          # Status polling while the generator runs (Status is not free)
+DRAIN_SAMPLE_S = 0.05        # Status polling while auditd catches up
 DRAIN_BOUND_S = 30.0         # longest wait for auditd to store a step
 STALL_S = 5.0                # no progress for this long: stop waiting
 IDLE_BOUND_S = 60.0          # longest wait for auditd to be idle before a step
@@ -498,7 +498,9 @@ def idle(status: audit_pb2.AuditStatus) -> bool:
 
 
 def thread_cpu(pid: int) -> dict[int, tuple[str, int]]:
-    """tid -> (thread name, ns on a CPU so far) of every thread of a process."""
+    """tid -> (thread name, ns on a CPU so far) of every live thread of a process, and
+    under key 0 the whole process (utime + stime, which keeps the time of threads that
+    have exited: auditd opens a new SQLite connection thread for every chunk)."""
     out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
@@ -507,15 +509,23 @@ def thread_cpu(pid: int) -> dict[int, tuple[str, int]]:
         except (FileNotFoundError, ProcessLookupError):
             continue
         out[int(task.name)] = (name, run_ns)
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    out[0] = ("process", ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK"))
     return out
 
 
-def cpu_delta(before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]]
-              ) -> list[tuple[str, float]]:
-    """(thread, CPU seconds) over an interval, busiest first."""
-    rows = [(f"{name}/{tid}", (ns - before.get(tid, (name, 0))[1]) / 1e9)
-            for tid, (name, ns) in after.items()]
-    return sorted(rows, key=lambda r: -r[1])
+def cpu_delta(pid: int, before: dict[int, tuple[str, int]],
+              after: dict[int, tuple[str, int]]) -> tuple[float, list[tuple[str, float]]]:
+    """(process CPU seconds, [(thread, CPU seconds)] busiest first) over an interval. The
+    thread whose id is the process id is the main thread (auditd's event loop); threads
+    that exited meanwhile are summed as "exited"."""
+    total = (after[0][1] - before[0][1]) / 1e9
+    rows = [("main(loop)" if tid == pid else f"{name}/{tid}",
+             (ns - before.get(tid, (name, 0))[1]) / 1e9)
+            for tid, (name, ns) in after.items() if tid]
+    rows.append(("exited", max(0.0, total - sum(s for _, s in rows))))
+    return total, sorted(rows, key=lambda r: -r[1])
 
 
 # -- one step -----------------------------------------------------------------------------
@@ -657,8 +667,8 @@ def run_step(rig: Rig, gen: Worker, rate: int, duration: float) -> Step:
                 break
             time.sleep(DRAIN_SAMPLE_S)
     cpu_after = thread_cpu(rig.auditd.proc.pid)
-    step.auditd_threads = cpu_delta(cpu_before, cpu_after)
-    step.auditd_cpu_s = sum(s for _, s in step.auditd_threads)
+    step.auditd_cpu_s, step.auditd_threads = cpu_delta(rig.auditd.proc.pid, cpu_before,
+                                                       cpu_after)
     step.drained = status.drained - before.drained
     step.stored = status.records - before.records
     lost_before, lost_after = before.lost_by_cause, status.lost_by_cause
@@ -837,6 +847,7 @@ def main() -> int:
         if args.profile:
             profiler = subprocess.Popen(
                 [args.py_spy, "record", "--pid", str(rig.auditd.proc.pid), "--rate", "200",
+                 "--nonblocking",
                  "--format", "raw", "--threads", "--output", args.profile],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

@@ -6,10 +6,8 @@ Every rejected request must leave the policy exactly as it was (version and cont
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -21,7 +19,7 @@ import pytest
 from conftest import DaemonProcess, RunningPolicyd
 from vpnr.core import bpfsys
 from vpnr.policyd import layout
-from vpnr.v1 import codes_pb2, common_pb2, policy_pb2, policy_pb2_grpc
+from vpnr.v1 import audit_pb2, audit_pb2_grpc, codes_pb2, common_pb2, policy_pb2, policy_pb2_grpc
 
 pytestmark = pytest.mark.root
 
@@ -971,17 +969,20 @@ def test_every_change_is_recorded_in_the_control_plane_audit(policyd: RunningPol
         stub.CreateBinding(policy_pb2.CreateBindingRequest(binding=policy_pb2.Binding(
             prefix="10.9.0.1/32", roles=["ops"])), timeout=10)
         stub.DeleteBinding(policy_pb2.DeleteBindingRequest(prefix="10.9.0.1/32"), timeout=10)
-        database = policyd.config.parent / "state" / "audit.sqlite"
         wanted = ["role.create", "binding.create", "binding.delete"]
         rows: list[tuple[str, int, int]] = []
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
-                rows = db.execute("SELECT action, version_before, version_after FROM records "
-                                  "WHERE daemon = 'policyd' ORDER BY id").fetchall()
-            if [r[0] for r in rows] == wanted:
-                break
-            time.sleep(0.1)
+        with grpc.insecure_channel(f"unix:{auditd.socket}") as channel:
+            audit = audit_pb2_grpc.AuditServiceStub(channel)
+            while time.monotonic() < deadline:
+                reply = audit.Query(audit_pb2.QueryRequest(
+                    filter=audit_pb2.AuditFilter(control_only=True),
+                    page=common_pb2.PageRequest(page_size=100)), timeout=10)
+                rows = [(r.control.action, r.control.version_before, r.control.version_after)
+                        for r in reversed(reply.records) if r.control.daemon == "policyd"]
+                if [r[0] for r in rows] == wanted:
+                    break
+                time.sleep(0.1)
     finally:
         auditd.stop()
     assert [r[0] for r in rows] == wanted
