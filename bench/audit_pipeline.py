@@ -12,9 +12,10 @@ so every one is DEFAULT_DENY and becomes exactly one audit event.
 
 Events are made in the kernel by the live, pinned ``xdp_rbac_prog`` through
 BPF_PROG_TEST_RUN (``repeat=K``) in a separate generator process (spawned: it shares no GIL
-with the measuring client), pinned to one CPU by default (``--gen-cpu``). It paces against
-CLOCK_MONOTONIC: every 1 ms tick it runs as many repetitions as the target rate asks by now,
-so it catches up after a stall with a bigger call; it reports the rate it achieved.
+with the measuring client). It paces against CLOCK_MONOTONIC: every 1 ms tick it runs as
+many repetitions as the target rate asks by now, so it catches up after a stall with a
+bigger call; it reports the rate it achieved. It is not pinned by default (``--gen-cpu``):
+pinned to one of the two CPUs it lagged its schedule more and auditd drained no faster.
 
 Each step (one target rate for ``--duration`` seconds) starts when auditd is idle (ring
 released, no rows queued, every sealed chunk indexed) and counts:
@@ -35,10 +36,12 @@ so the table also shows when everything was stored relative to the generator's e
 catch-up under 1 s. The ladder (``--rates``) stops after the first step with loss or whose
 generator missed its rate by more than 5%.
 
-Latency (before the ladder, on a fresh store), at ``--latency-rate`` events/s:
+Latency (before the ladder, on a fresh store): two steps at ``--latency-rate`` events/s,
+so that neither measuring client loads the other's figure:
 
-- kernel -> Follow: a Follow stream (src 10.1.0.10/32) read by a thread of this process;
-  for each record, ``time.monotonic_ns()`` on arrival minus the event's ``kernel_time_ns``
+- kernel -> Follow: a Follow stream (src 10.1.0.10/32) read by a thread of this process
+  (``--follow-process``: by grpc.aio in a process of its own instead); for each record,
+  ``time.monotonic_ns()`` on arrival minus the event's ``kernel_time_ns``
   (bpf_ktime_get_ns: CLOCK_MONOTONIC, the same clock);
 - kernel -> SQLite, measured here: a separate process polls the newest chunk file
   read-only (``SELECT id, kernel_ns FROM records WHERE id > last``) every 0.5 ms (the
@@ -46,7 +49,7 @@ Latency (before the ladder, on a fresh store), at ``--latency-rate`` events/s:
   completion time minus kernel_ns: an upper bound within one poll interval;
 - kernel -> SQLite, auditd's own figure: ``vpnr_audit_kernel_to_store_seconds`` quantiles
   from its /metrics (computed by auditd at commit time for the first and last row of
-  each of its recent commits), scraped from inside its namespace at the end of the step.
+  each of its recent commits), scraped from inside its namespace after that step.
 
 Targets (issue): at least 200,000 events/s stored with zero loss; kernel -> Follow p99
 under 10 ms at 10,000 events/s. Prints tables, a summary, and as the last line one JSON
@@ -59,6 +62,7 @@ Run as root: .venv/bin/python bench/audit_pipeline.py [--quick] [--no-json] [--r
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import http.client
 import ipaddress
@@ -69,6 +73,7 @@ import secrets
 import shutil
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -546,6 +551,7 @@ class Step:
     json_dropped: int = 0
     json_written: int = 0
     stored_after_s: float | None = None      # from the generator's start
+    waited_s: float = 0.0                    # from the generator's start to the wait's end
     catch_up_s: float | None = None          # after the generator's end
     json_after_s: float | None = None        # JSON sink empty, after the generator's end
     max_backlog: int = 0
@@ -579,7 +585,7 @@ class Step:
     def drain_rate(self) -> float:
         """Stored records per second, from the generator's start until all were stored
         (until the wait ended, if they never were)."""
-        span = self.stored_after_s or (self.gen["end"] - self.gen["start"])
+        span = self.stored_after_s or self.waited_s
         return self.stored / span if span > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -667,6 +673,7 @@ def run_step(rig: Rig, gen: Worker, rate: int, duration: float) -> Step:
                 break
             time.sleep(DRAIN_SAMPLE_S)
     cpu_after = thread_cpu(rig.auditd.proc.pid)
+    step.waited_s = time.monotonic() - step.gen["start"]
     step.auditd_cpu_s, step.auditd_threads = cpu_delta(rig.auditd.proc.pid, cpu_before,
                                                        cpu_after)
     step.drained = status.drained - before.drained
@@ -686,7 +693,8 @@ def run_step(rig: Rig, gen: Worker, rate: int, duration: float) -> Step:
 
 
 class FollowClient:
-    """A Follow stream read by a thread: kernel -> Follow latency of each record."""
+    """A Follow stream read by a thread of this process: kernel -> Follow latency of each
+    record (arrival on CLOCK_MONOTONIC minus the event's kernel_time_ns)."""
 
     def __init__(self, rig: Rig) -> None:
         assert rig.audit is not None
@@ -706,44 +714,126 @@ class FollowClient:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 self.error = f"{exc.code().name}: {exc.details()}"
 
-    def close(self) -> None:
-        """Cancel the stream and wait for the thread."""
+    def received(self) -> int:
+        """Records received so far."""
+        return len(self.latencies)
+
+    def finish(self) -> tuple[list[int], str]:
+        """Cancel the stream; (latencies in ns, error text)."""
         self.stream.cancel()
         self.thread.join(10)
+        return self.latencies, self.error
+
+
+def follow_process(conn: Connection, socket_path: str) -> None:
+    """The same Follow client with grpc.aio in a process of its own (``--follow-process``:
+    checks that the bench's client is not what limits the figure)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    async def run() -> None:
+        latencies: list[int] = []
+        error = ""
+        async with grpc.aio.insecure_channel(socket_target(socket_path)) as channel:
+            call = audit_pb2_grpc.AuditServiceStub(channel).Follow(audit_pb2.FollowRequest(
+                filter=audit_pb2.AuditFilter(src_prefix=f"{SOURCE}/32")))
+
+            async def read() -> None:
+                nonlocal error
+                try:
+                    async for record in call:
+                        latencies.append(time.monotonic_ns() - record.packet.kernel_time_ns)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.CANCELLED:
+                        error = f"{exc.code().name}: {exc.details()}"
+            reader = asyncio.get_running_loop().create_task(read())
+            conn.send("ready")
+            while True:
+                if conn.poll():
+                    message = conn.recv()
+                    if message == "count":
+                        conn.send(len(latencies))
+                        continue
+                    break
+                await asyncio.sleep(0.01)
+            call.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+        conn.send((latencies, error))
+    asyncio.run(run())
+
+
+class FollowInProcess:
+    """:func:`follow_process` driven from the bench."""
+
+    def __init__(self, rig: Rig) -> None:
+        self.worker = Worker(follow_process, str(rig.auditd.socket))
+        if self.worker.receive(30) != "ready":
+            raise BenchError("the Follow process did not start")
+
+    def received(self) -> int:
+        """Records received so far."""
+        return int(self.worker.call("count", 10))
+
+    def finish(self) -> tuple[list[int], str]:
+        """Cancel the stream; (latencies in ns, error text)."""
+        try:
+            latencies, error = self.worker.call("stop", 30)
+        finally:
+            self.worker.close()
+        return latencies, error
 
 
 @dataclass
 class Latency:
-    """Figures of the latency step."""
+    """Figures of the two latency steps."""
 
-    step: Step
+    follow_step: Step
     follow: dict[str, float]
     follow_error: str
+    sqlite_step: Step
     sqlite_own: dict[str, float]
     poll_interval_ms: float
     sqlite_metric: dict[str, float]
 
 
-def measure_latency(rig: Rig, gen: Worker, rate: int, duration: float) -> Latency:
-    """A step at ``rate`` with a Follow client and the chunk-file poller running."""
+def measure_latency(rig: Rig, gen: Worker, rate: int, duration: float,
+                    follow_in_process: bool) -> Latency:
+    """Two steps at ``rate``: one with a Follow client, then one with the chunk-file
+    poller (so that neither measuring client loads the other's figure); auditd's own
+    kernel-to-store metric is scraped after the second."""
     wait_idle(rig)
-    last_id = rig.status().last_id
-    follow = FollowClient(rig)
-    poller = Worker(sqlite_poller, str(rig.chunk_dir), last_id, POLL_INTERVAL_S)
+    follow: FollowClient | FollowInProcess = (FollowInProcess(rig) if follow_in_process
+                                              else FollowClient(rig))
     try:
-        time.sleep(0.5)  # the stream is open and the poller polling
-        step = run_step(rig, gen, rate, duration)
+        time.sleep(0.5)  # the stream is open
+        follow_step = run_step(rig, gen, rate, duration)
         deadline = time.monotonic() + 10
-        while len(follow.latencies) < step.stored and time.monotonic() < deadline:
-            time.sleep(0.01)
+        while follow.received() < follow_step.stored and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        latencies, error = follow.finish()
+    wait_idle(rig)
+    poller = Worker(sqlite_poller, str(rig.chunk_dir), rig.status().last_id, POLL_INTERVAL_S)
+    try:
+        time.sleep(0.5)  # the poller is polling
+        sqlite_step = run_step(rig, gen, rate, duration)
         metric = rig.metrics()
         polled = poller.call("stop", 30)
     finally:
-        follow.close()
         poller.close()
-    return Latency(step, latency_summary(follow.latencies), follow.error,
+    return Latency(follow_step, latency_summary(latencies), error, sqlite_step,
                    latency_summary(polled["samples"]),
                    polled["seconds"] / max(polled["polls"], 1) * 1e3, metric)
+
+
+def index_builds(log: Path) -> list[tuple[int, float]]:
+    """(rows, seconds) of every chunk auditd sealed and indexed, from its log."""
+    builds = []
+    for line in log.read_text(errors="replace").splitlines():
+        if '"chunk indexed"' in line:
+            with contextlib.suppress(ValueError, KeyError):
+                entry = json.loads(line)
+                builds.append((int(entry["rows"]), float(entry["seconds"])))
+    return builds
 
 
 # -- output -------------------------------------------------------------------------------
@@ -764,8 +854,10 @@ def print_table(steps: Sequence[Step]) -> None:
         lost = f"{s.reserve_failed}/{s.rate_limited}/{s.sqlite_dropped}"
         json_drop = str(s.json_dropped) if s.json_written or s.json_dropped else "-"
         json_after = fmt_catch_up(s.json_after_s) if s.json_written or s.json_dropped else "-"
+        unstored = (s.stored < s.emitted and s.catch_up_s is None and not s.reserve_failed
+                    and not s.sqlite_dropped)
         verdict = ("kept up" if s.kept_up else "zero loss, fell behind" if s.zero_loss
-                   else "LOSS")
+                   else f"not all stored within {DRAIN_BOUND_S:g} s" if unstored else "LOSS")
         if s.gen_short:
             verdict += " (generator short of target)"
         print(f"{s.target:>9} {s.gen['achieved']:>10.0f} {s.generated:>10} {s.emitted:>10} "
@@ -774,14 +866,21 @@ def print_table(steps: Sequence[Step]) -> None:
               f"{s.max_ring_pending * 100:>5.1f} {s.auditd_cpu_s:>9.2f}s  {verdict}")
 
 
-def print_threads(steps: Sequence[Step], duration: float) -> None:
-    """auditd's busiest threads per step (share of one CPU over the generator's run)."""
-    print("auditd CPU by thread (seconds over the step, incl. catch-up; name/tid):")
+def print_threads(steps: Sequence[Step]) -> None:
+    """auditd's CPU per step: process total, busiest threads, per stored record."""
+    print("auditd CPU per step, from the generator's start until all was stored and the "
+          "JSON sink empty (process "
+          "total; busiest threads: main(loop) is the event loop, auditd/N other Python "
+          "threads (SQLite connections, to_thread workers), exited: threads gone by the end, "
+          "e.g. the connection of a sealed chunk); idle wait: before the step, until the "
+          "previous chunks were indexed:")
     for s in steps:
-        span = s.stored_after_s or duration
+        span = s.waited_s
         busiest = ", ".join(f"{name} {sec:.2f}" for name, sec in s.auditd_threads[:4])
-        print(f"  {s.target:>7}/s over {span:.2f}s: {busiest}  "
-              f"({s.auditd_cpu_s / max(s.stored, 1) * 1e6:.1f} us CPU per stored record)")
+        print(f"  {s.target:>7}/s: {s.auditd_cpu_s:.2f} s over {span:.2f} s "
+              f"({s.auditd_cpu_s / span:.2f} CPUs; "
+              f"{s.auditd_cpu_s / max(s.stored, 1) * 1e6:.1f} us per record); {busiest}; "
+              f"idle wait {s.idle_wait_s:.1f} s")
 
 
 def main() -> int:
@@ -791,14 +890,19 @@ def main() -> int:
     parser.add_argument("--rates", default=",".join(map(str, DEFAULT_RATES)),
                         help="comma-separated target rates (events/s), climbed in order")
     parser.add_argument("--latency-rate", type=int, default=10_000,
-                        help="events/s of the latency step")
+                        help="events/s of the latency steps")
     parser.add_argument("--latency-duration", type=float, default=None,
-                        help="seconds of the latency step (default: --duration)")
+                        help="seconds of each latency step (default: --duration)")
     parser.add_argument("--no-json", action="store_true",
                         help="turn auditd's JSON lines sink off (SQLite alone)")
     parser.add_argument("--ring-mib", type=int, default=8, help="audit ring size (power of 2)")
-    parser.add_argument("--gen-cpu", type=int, default=(os.cpu_count() or 1) - 1,
-                        help="CPU the generator process is pinned to; -1: not pinned")
+    parser.add_argument("--gen-cpu", type=int, default=-1,
+                        help="pin the generator process to this CPU (default -1: not pinned; "
+                             "pinning it to CPU 1 of 2 did not raise the drain rate here and "
+                             "made it lag its schedule more)")
+    parser.add_argument("--follow-process", action="store_true",
+                        help="read Follow with grpc.aio in a separate process instead of a "
+                             "thread of this one")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke test: rates {QUICK_RATES}, 2 s steps")
     parser.add_argument("--profile", metavar="FILE",
@@ -826,29 +930,32 @@ def main() -> int:
         stack.callback(gen.close)
         if gen.receive(30) != "ready":
             raise BenchError("the generator did not start")
-        print(f"instance {rig.name}: policyd + auditd up in {time.monotonic() - started:.1f} s; "
-              f"ring {args.ring_mib} MiB; auditd sinks: SQLite"
-              f"{' + JSON lines' if rig.json_sink else ' only (--no-json)'}; generator "
-              + (f"pinned to CPU {args.gen_cpu}" if args.gen_cpu >= 0 else "not pinned")
-              + f" of {os.cpu_count()}; auditd and this process not pinned", flush=True)
+        setup = (f"instance {rig.name}: ring {args.ring_mib} MiB; auditd sinks: SQLite"
+                 f"{' + JSON lines' if rig.json_sink else ' only (--no-json)'}, syslog off; "
+                 f"{os.cpu_count()} CPUs: generator process "
+                 + (f"pinned to CPU {args.gen_cpu}" if args.gen_cpu >= 0 else "not pinned")
+                 + ", auditd and this process not pinned; Follow read by "
+                 + ("grpc.aio in a separate process" if args.follow_process
+                    else "a thread of this process"))
+        print(f"{setup}; up in {time.monotonic() - started:.1f} s", flush=True)
         warm = run_step(rig, gen, WARMUP_EVENTS * 10, 0.1)  # role names, first commits
         if not warm.zero_loss:
             raise BenchError(f"warm-up lost events: {warm.as_dict()}")
 
-        latency = measure_latency(rig, gen, args.latency_rate, latency_duration)
-        lat = latency.step
-        print(f"latency step: {args.latency_rate}/s for {latency_duration:g} s, generated "
-              f"{lat.generated} (achieved {lat.gen['achieved']:.0f}/s), stored {lat.stored}, "
-              f"{'zero loss' if lat.zero_loss else 'LOSS'}; Follow received "
-              f"{latency.follow.get('n', 0)}" + (f" (error {latency.follow_error})"
-                                                 if latency.follow_error else ""), flush=True)
+        latency = measure_latency(rig, gen, args.latency_rate, latency_duration,
+                                  args.follow_process)
+        for what, lat in (("Follow", latency.follow_step), ("SQLite", latency.sqlite_step)):
+            print(f"latency step ({what}): {args.latency_rate}/s for {latency_duration:g} s, "
+                  f"generated {lat.generated} (achieved {lat.gen['achieved']:.0f}/s), stored "
+                  f"{lat.stored}, {'zero loss' if lat.zero_loss else 'LOSS'}, auditd "
+                  f"{lat.auditd_cpu_s / lat.waited_s:.2f} CPUs",
+                  flush=True)
 
         profiler = None
         if args.profile:
             profiler = subprocess.Popen(
                 [args.py_spy, "record", "--pid", str(rig.auditd.proc.pid), "--rate", "200",
-                 "--nonblocking",
-                 "--format", "raw", "--threads", "--output", args.profile],
+                 "--nonblocking", "--format", "raw", "--threads", "--output", args.profile],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             for rate in rates:
@@ -869,20 +976,37 @@ def main() -> int:
             if profiler is not None:
                 profiler.send_signal(signal.SIGINT)
                 profiler.wait(60)
+        wait_idle(rig)
         final = rig.status()
-        gen_cpu = {s.target: round(s.gen["cpu_s"], 2) for s in steps}
+        builds = index_builds(rig.auditd.log)
+        peak_rss = next((int(line.split()[1]) for line in Path(
+            f"/proc/{rig.auditd.proc.pid}/status").read_text().splitlines()
+            if line.startswith("VmHWM:")), 0)
     load.append(os.getloadavg()[0])
 
     print()
-    print(f"Rate ladder: {args.duration:g} s per step, {stop_reason}. lost rsv/rl/sql: kernel "
-          "ring reserve failures / kernel rate-limited / dropped from SQLite; drain/s: stored "
-          "/ (generator start -> all stored); catch-up: all stored, after the generator "
-          "stopped; json: JSON sink empty, after the generator stopped; backlog: most "
-          "records emitted but not yet stored; ring%: most of the ring unreleased")
+    print(setup)
+    print(f"Rate ladder: {args.duration:g} s per step, {stop_reason}.")
+    print("  lost rsv/rl/sql: kernel ring reserve failures / kernel rate-limited / dropped "
+          "from SQLite (max_buffered); json drop: dropped by the JSON sink (not counted as "
+          "loss); drain/s: stored / (generator start -> all stored); catch-up: all stored, "
+          "after the generator stopped (Status polled every "
+          f"{DRAIN_SAMPLE_S * 1e3:.0f} ms); json: JSON sink empty, after the generator "
+          "stopped; backlog: most records emitted but not yet stored; ring%: most of the ring "
+          f"unreleased (Status every {RUN_SAMPLE_S * 1e3:.0f} ms); kept up: zero loss and "
+          f"catch-up < {KEPT_UP_S:g} s")
     print_table(steps)
-    print_threads(steps, args.duration)
-    print(f"generator CPU seconds per step: {gen_cpu}; store at the end: {final.records} "
-          f"records in {final.chunks} chunks, {final.disk_bytes / 2**20:.0f} MiB")
+    print_threads(steps)
+    rows_per_s = [r / s for r, s in builds if s > 0]
+    print(f"generator: kernel ns per event {[round(s.gen['kernel_ns_per_event']) for s in steps]}"
+          f", CPU s per step {[round(s.gen['cpu_s'], 2) for s in steps]}, worst lag behind "
+          f"schedule ms {[round(s.gen['max_lag_ms'], 1) for s in steps]}")
+    print(f"store at the end: {final.records} records in {final.chunks} chunks, "
+          f"{final.disk_bytes / 2**20:.0f} MiB; auditd peak RSS {peak_rss / 1024:.0f} MiB; "
+          f"chunks indexed after sealing: {len(builds)}"
+          + (f", {min(rows_per_s):.0f}-{max(rows_per_s):.0f} rows/s of index build "
+             f"({statistics.median(s for _, s in builds):.2f} s median per chunk)"
+             if rows_per_s else ""))
 
     zero = [s.target for s in steps if s.zero_loss and not s.gen_short]
     kept = [s.target for s in steps if s.kept_up and not s.gen_short]
@@ -890,45 +1014,54 @@ def main() -> int:
                and s.json_dropped == 0]
     best_zero = max(zero, default=0)
     best_kept = max(kept, default=0)
-    follow_p99 = latency.follow.get("p99_ms")
+    follow, own, metric = latency.follow, latency.sqlite_own, latency.sqlite_metric
+    follow_p99 = follow.get("p99_ms")
+    follow_met = follow_p99 is not None and follow_p99 < TARGET_FOLLOW_P99_MS
     print()
     print("== summary ==")
     print(f"highest rate with zero loss: {best_zero} events/s (target {TARGET_RATE}): "
-          f"{'met' if best_zero >= TARGET_RATE else 'not met'}")
-    print(f"highest rate kept up (zero loss and stored within {KEPT_UP_S:g} s of the "
+          f"{'met' if best_zero >= TARGET_RATE else 'not met'} ({stop_reason})")
+    print(f"highest rate kept up (zero loss and all stored within {KEPT_UP_S:g} s of the "
           f"generator stopping): {best_kept} events/s")
     if rig.json_sink:
         print(f"highest rate with zero loss and nothing dropped by the JSON sink: "
               f"{max(json_ok, default=0)} events/s")
-    f = latency.follow
-    print(f"kernel->Follow at {args.latency_rate}/s: p50 {f.get('p50_ms')} ms p99 "
-          f"{follow_p99} ms max {f.get('max_ms')} ms (n={f.get('n', 0)}) (target p99 < "
-          f"{TARGET_FOLLOW_P99_MS:g} ms): "
-          f"{'met' if follow_p99 is not None and follow_p99 < TARGET_FOLLOW_P99_MS else 'not met'}")
-    o = latency.sqlite_own
-    print(f"kernel->SQLite at {args.latency_rate}/s, polled here: p50 {o.get('p50_ms')} ms p99 "
-          f"{o.get('p99_ms')} ms max {o.get('max_ms')} ms (n={o.get('n', 0)}; newest chunk "
-          f"polled read-only every {latency.poll_interval_ms:.2f} ms: figures are upper "
-          "bounds within one interval)")
-    m = latency.sqlite_metric
+    print(f"kernel->Follow at {args.latency_rate}/s: p50 {follow.get('p50_ms')} ms p99 "
+          f"{follow_p99} ms max {follow.get('max_ms')} ms (n={follow.get('n', 0)} of "
+          f"{latency.follow_step.stored}) (target p99 < {TARGET_FOLLOW_P99_MS:g} ms): "
+          f"{'met' if follow_met else 'not met'}"
+          + (f"; stream ended: {latency.follow_error}" if latency.follow_error else ""))
+    print(f"kernel->SQLite at {args.latency_rate}/s, polled here: p50 {own.get('p50_ms')} ms "
+          f"p99 {own.get('p99_ms')} ms max {own.get('max_ms')} ms (n={own.get('n', 0)}; newest "
+          f"chunk polled read-only every {latency.poll_interval_ms:.2f} ms: upper bounds "
+          "within one interval)")
     print(f"kernel->SQLite at {args.latency_rate}/s, auditd's metric "
           f"vpnr_audit_kernel_to_store_seconds (first and last row of its recent commits): "
-          f"p50 {m.get('p50_ms')} ms p99 {m.get('p99_ms')} ms")
-    print(f"load average before/after: {load[0]:.1f} / {load[1]:.1f} on {os.cpu_count()} CPUs; "
-          f"total {time.monotonic() - started:.0f} s")
+          f"p50 {metric.get('p50_ms')} ms p99 {metric.get('p99_ms')} ms")
+    print(f"load average before/after: {load[0]:.1f} / {load[1]:.1f} on {os.cpu_count()} CPUs "
+          f"(other work on the host shares them); total {time.monotonic() - started:.0f} s")
     print(json.dumps({
         "json_sink": rig.json_sink, "ring_mib": args.ring_mib, "duration_s": args.duration,
-        "gen_cpu": args.gen_cpu, "highest_zero_loss_rate": best_zero,
-        "highest_kept_up_rate": best_kept, "stop_reason": stop_reason,
-        "latency": {"rate": args.latency_rate, "follow": latency.follow,
-                    "sqlite_polled": latency.sqlite_own,
+        "gen_cpu": args.gen_cpu, "follow_process": args.follow_process,
+        "highest_zero_loss_rate": best_zero, "highest_kept_up_rate": best_kept,
+        "stop_reason": stop_reason,
+        "latency": {"rate": args.latency_rate, "follow": follow,
+                    "follow_error": latency.follow_error, "sqlite_polled": own,
                     "poll_interval_ms": round(latency.poll_interval_ms, 3),
-                    "sqlite_metric": latency.sqlite_metric, "step": lat.as_dict()},
+                    "sqlite_metric": metric, "follow_step": latency.follow_step.as_dict(),
+                    "sqlite_step": latency.sqlite_step.as_dict()},
         "steps": [s.as_dict() for s in steps],
+        "index_builds": [{"rows": r, "seconds": sec} for r, sec in builds],
+        "auditd_peak_rss_mib": round(peak_rss / 1024),
         "targets": {"zero_loss_rate": TARGET_RATE, "follow_p99_ms": TARGET_FOLLOW_P99_MS},
         "loadavg_1m": load}))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; the namespace, pins, files and processes were removed",
+              file=sys.stderr)
+        sys.exit(130)
