@@ -708,8 +708,10 @@ class FollowClient:
     def _read(self) -> None:
         append = self.latencies.append
         try:
-            for record in self.stream:
-                append(time.monotonic_ns() - record.packet.kernel_time_ns)
+            for response in self.stream:
+                now = time.monotonic_ns()
+                for record in response.records:
+                    append(now - record.packet.kernel_time_ns)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 self.error = f"{exc.code().name}: {exc.details()}"
@@ -740,8 +742,10 @@ def follow_process(conn: Connection, socket_path: str) -> None:
             async def read() -> None:
                 nonlocal error
                 try:
-                    async for record in call:
-                        latencies.append(time.monotonic_ns() - record.packet.kernel_time_ns)
+                    async for response in call:
+                        now = time.monotonic_ns()
+                        latencies.extend(now - record.packet.kernel_time_ns
+                                         for record in response.records)
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() != grpc.StatusCode.CANCELLED:
                         error = f"{exc.code().name}: {exc.details()}"

@@ -185,6 +185,12 @@ def syslog_messages(sock: socket.socket, limit: int = 10000) -> list[str]:
     return found
 
 
+def records_of(stream: Iterator[audit_pb2.FollowResponse]) -> Iterator[audit_pb2.AuditRecord]:
+    """The records of a Follow stream, one at a time (messages carry several)."""
+    for response in stream:
+        yield from response.records
+
+
 def ts(ns: int) -> Timestamp:
     """A Timestamp."""
     stamp = Timestamp()
@@ -220,7 +226,8 @@ def test_denied_packets_reach_query_follow_json_and_syslog_within_a_second(
         assert packet.source == "xdp"
     print(f"5 denied decisions stored and queryable after {elapsed * 1000:.0f} ms")
 
-    followed = [next(follow) for _ in range(5)]
+    followed_records = records_of(follow)
+    followed = [next(followed_records) for _ in range(5)]
     follow.cancel()
     assert sorted(r.id for r in followed) == sorted(ids)
 
@@ -392,9 +399,10 @@ def test_follow_resumes_from_a_cursor_and_cuts_off_a_client_that_stops_reading(
         stream = router.audit.Follow(audit_pb2.FollowRequest(
             filter=audit_pb2.AuditFilter(src_prefix=f"{SOURCE}/32"), after_id=first[4]),
             timeout=20)
-        assert [next(stream).id for _ in range(5)] == first[5:]
+        streamed = records_of(stream)
+        assert [next(streamed).id for _ in range(5)] == first[5:]
         router.emit(81, 3)
-        live = [next(stream).id for _ in range(3)]
+        live = [next(streamed).id for _ in range(3)]
         assert live == sorted(live) and live[0] > first[-1]
         stream.cancel()
 
@@ -405,12 +413,13 @@ def test_follow_resumes_from_a_cursor_and_cuts_off_a_client_that_stops_reading(
         stalled = audit_pb2_grpc.AuditServiceStub(slow).Follow(audit_pb2.FollowRequest(
             filter=audit_pb2.AuditFilter(src_prefix=f"{SOURCE}/32")), timeout=30)
         router.emit(81, 1)
-        got = [next(stalled).id]
+        stalled_records = records_of(stalled)
+        got = [next(stalled_records).id]
         for _ in range(30):
             router.emit(81, 100)
             time.sleep(0.01)
         with pytest.raises(grpc.RpcError) as err:
-            for record in stalled:
+            for record in stalled_records:
                 got.append(record.id)
         slow.close()
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -422,7 +431,8 @@ def test_follow_resumes_from_a_cursor_and_cuts_off_a_client_that_stops_reading(
             timeout=20)
         expected = sorted(r.id for r in router.query(src_prefix=f"{SOURCE}/32")
                           if r.id >= got[0])
-        rest = [next(resumed).id for _ in range(len(expected) - len(got))]
+        resumed_records = records_of(resumed)
+        rest = [next(resumed_records).id for _ in range(len(expected) - len(got))]
         resumed.cancel()
         assert got + rest == expected
     finally:

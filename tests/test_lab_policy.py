@@ -164,8 +164,8 @@ def test_each_denied_flow_is_an_audit_record_within_a_second_everywhere(
 
     ids = {r.id for r in ssh + service + unbound}
     followed: set[int] = set()
-    for record in follow:  # bounded by the ids we wait for and the stream's deadline
-        followed.add(record.id)
+    for response in follow:  # bounded by the ids we wait for and the stream's deadline
+        followed.update(r.id for r in response.records)
         if ids <= followed:
             break
     follow.cancel()

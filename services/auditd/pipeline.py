@@ -39,7 +39,7 @@ log = logging.getLogger("vpnr.auditd.pipeline")
 
 RING_WAIT_SECONDS = 1.0       # recheck the pin (a restarted policyd may have replaced it)
 BEHIND_POLL_SECONDS = 0.0005  # the kernel does not wake a consumer that is behind
-RATE_WINDOW_SECONDS = 10.0
+RATE_WINDOW_SECONDS = 10
 
 
 @dataclass
@@ -87,7 +87,7 @@ class Pipeline:
         self.sqlite = SqliteState()
         self.drained = 0
         self.ring_error = ""
-        self._rate: deque[tuple[float, int]] = deque()
+        self._rate: deque[tuple[int, int]] = deque()   # (monotonic second, rows)
         self._work = asyncio.Event()
         self._released = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -197,7 +197,11 @@ class Pipeline:
             rows = self.decoder.decode(events, self.store.next_id)
         self.store.next_id += len(rows)
         self.drained += len(rows)
-        self._rate.append((time.monotonic(), len(rows)))
+        second = int(time.monotonic())
+        if self._rate and self._rate[-1][0] == second:
+            self._rate[-1] = (second, self._rate[-1][1] + len(rows))
+        else:
+            self._rate.append((second, len(rows)))
         if self.pending_rows + len(rows) > self.max_buffered:
             # SQLite is too far behind: these rows skip it (counted) but reach the
             # other sinks, and their ring space is given back now.
@@ -312,8 +316,8 @@ class Pipeline:
     # -- figures --------------------------------------------------------------------------
 
     def events_per_second(self) -> float:
-        """Packet records drained per second over the last ten seconds."""
-        now = time.monotonic()
+        """Packet records drained per second over the last ten (whole) seconds."""
+        now = int(time.monotonic())
         while self._rate and self._rate[0][0] < now - RATE_WINDOW_SECONDS:
             self._rate.popleft()
         return sum(n for _, n in self._rate) / RATE_WINDOW_SECONDS

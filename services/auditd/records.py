@@ -12,7 +12,7 @@ import ipaddress
 import json
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -42,6 +42,15 @@ FLAG_FRAGMENT = 1
 NO_ICMP = 0xFFFF
 
 Row = tuple[Any, ...]
+
+_VERDICT, _REASON, _ZONE, _PROTOCOL, _SOURCE, _STRING = range(6)
+_PACKET_JSON = (
+    '{"id":%d,"time":"%s.%09dZ","instance":%s,"kind":"packet","verdict":%s,"reason":%s,'
+    '"src":"%s","dst":"%s","src_port":%d,"dst_port":%d,"protocol":%s,"roles":%s,'
+    '"rule_id":%d,"rule_role":%s,"interface":%s,"src_zone":%s,"dst_zone":%s,"peer":%s,'
+    '"policy_version":%d,"packet_length":%d,"fragment":%s,"source":%s,"kernel_time_ns":%d,'
+    '"codes":{"verdict":%d,"reason":%d,"src_zone":%d,"dst_zone":%d,"ip_protocol":%d,'
+    '"source":%d}%s}')
 
 
 def verdict_name(code: int) -> str:
@@ -107,6 +116,12 @@ class Formatter:
     def __init__(self, instance: str, rolesets: Mapping[int, tuple[str, ...]]) -> None:
         self.instance = instance
         self.rolesets = rolesets
+        # JSON fast path caches; role-set ids never change meaning, so they never expire.
+        self._instance_json = json.dumps(instance)
+        self._cache: dict[tuple[int, Any], str] = {}
+        self._roles_json: dict[int, str] = {}
+        self._second = -1
+        self._second_text = ""
 
     def roles(self, row: Row) -> list[str]:
         """Role names of a packet record (empty for no binding)."""
@@ -145,8 +160,48 @@ class Formatter:
         return record
 
     def to_json(self, row: Row) -> str:
-        """One JSON line (without the newline)."""
-        return json.dumps(self.to_dict(row), separators=(",", ":"))
+        """One JSON line (without the newline): the same object as :meth:`to_dict`.
+
+        Packet records are assembled from cached pieces rather than through a dict and
+        ``json.dumps``: this runs for every record at full rate, and measured here the
+        generic path cost 6.8 us a record, enough to slow the whole drain.
+        """
+        if row[KIND] == KIND_CONTROL:
+            return json.dumps(self.to_dict(row), separators=(",", ":"))
+        text = self._text
+        seconds, nanos = divmod(row[TIME_NS], 1_000_000_000)
+        if seconds != self._second:
+            self._second = seconds
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        roleset = row[ROLESET] or 0
+        roles = self._roles_json.get(roleset)
+        if roles is None:
+            roles = self._roles_json[roleset] = json.dumps(self.roles(row))
+        icmp = "" if row[ICMP_TYPE] == NO_ICMP else f',"icmp_type":{row[ICMP_TYPE]}'
+        return _PACKET_JSON % (
+            row[ID], self._second_text, nanos, self._instance_json,
+            text(_VERDICT, row[VERDICT]), text(_REASON, row[REASON]),
+            address_text(row[SRC]), address_text(row[DST]), row[SRC_PORT], row[DST_PORT],
+            text(_PROTOCOL, row[IP_PROTOCOL]), roles, row[RULE_ID],
+            text(_STRING, row[RULE_ROLE] or ""), text(_STRING, row[INTERFACE] or ""),
+            text(_ZONE, row[SRC_ZONE]), text(_ZONE, row[DST_ZONE]),
+            text(_STRING, row[PEER] or ""), row[POLICY_VERSION], row[PKT_LEN],
+            "true" if row[FLAGS] & FLAG_FRAGMENT else "false", text(_SOURCE, row[SOURCE]),
+            row[KERNEL_NS], row[VERDICT], row[REASON], row[SRC_ZONE], row[DST_ZONE],
+            row[IP_PROTOCOL], row[SOURCE], icmp)
+
+    def _text(self, kind: int, value: Any) -> str:
+        """The JSON text of a code's name or a string, cached (names are few)."""
+        key = (kind, value)
+        found = self._cache.get(key)
+        if found is None:
+            namer: dict[int, Callable[[Any], str]] = {
+                _VERDICT: verdict_name, _REASON: reason_name, _ZONE: zone_name,
+                _PROTOCOL: lambda v: PROTOCOL_NAMES.get(v, str(v)),
+                _SOURCE: lambda v: SOURCE_NAMES.get(v, str(v)), _STRING: str}
+            name = namer[kind](value)
+            found = self._cache[key] = json.dumps(name)
+        return found
 
     def to_proto(self, row: Row) -> audit_pb2.AuditRecord:
         """The record as the API returns it."""

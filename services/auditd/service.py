@@ -61,7 +61,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
                                        page=common_pb2.PageResponse(next_page_token=token))
 
     async def Follow(self, request: audit_pb2.FollowRequest,
-                     context: Context) -> AsyncIterator[audit_pb2.AuditRecord]:
+                     context: Context) -> AsyncIterator[audit_pb2.FollowResponse]:
         flt = await self._filter(request.filter, context)
         app = self.app
         matches = flt.matcher(app.store.rolesets_with) if flt != query.Filter() else None
@@ -76,9 +76,9 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
                 # the id check below drops the overlap.
                 for _ in range(1 << 30):
                     rows = await app.store.after(flt, sent, CATCH_UP_PAGE)
-                    for row in rows:
-                        yield fmt.to_proto(row)
-                        sent = row[R.ID]
+                    if rows:
+                        yield audit_pb2.FollowResponse(records=[fmt.to_proto(r) for r in rows])
+                        sent = rows[-1][R.ID]
                     if len(rows) < CATCH_UP_PAGE:
                         break
             while True:
@@ -89,10 +89,12 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f"client fell more than {sub.limit} records behind; resume with "
                         f"after_id={sent}")
-                for row in sub.take():
-                    if row[R.ID] > sent:
-                        yield fmt.to_proto(row)
-                        sent = row[R.ID]
+                # One message per wake-up: per-message cost in grpc dominates otherwise.
+                rows = [row for row in sub.take() if row[R.ID] > sent]
+                for start in range(0, len(rows), CATCH_UP_PAGE):
+                    part = rows[start:start + CATCH_UP_PAGE]
+                    yield audit_pb2.FollowResponse(records=[fmt.to_proto(r) for r in part])
+                    sent = part[-1][R.ID]
         finally:
             app.hub.unsubscribe(sub)
 

@@ -185,8 +185,9 @@ class AuditdConfig(MetricsConfig):
                           50000)
     batch_interval_ms: int = doc("How long records may wait to be batched before they are "
                                  "committed (the latency bound of a quiet stream).", "nonneg", 2)
-    max_buffered: int = doc("Records held in memory while SQLite falls behind; beyond this "
-                            "they are dropped and counted.", "positive", 1000000)
+    max_buffered: int = doc("Records held in memory while SQLite falls behind (about 700 "
+                            "bytes each); beyond this they are dropped and counted.",
+                            "positive", 250000)
     chunk_rows: int = doc("Records per chunk file; a full chunk is sealed and indexed.",
                           "positive", 500000)
     chunk_seconds: int = doc("Seal the open chunk when its first record is this old.",

@@ -157,7 +157,8 @@ class AuditClient(ServiceClient):
         attempt.after_id = after_id
         stream = self.stub.Follow(attempt, timeout=self.stream_timeout)
         try:
-            yield from stream
+            for response in stream:
+                yield from response.records
         except grpc.RpcError as exc:
             failure = rpc_failure(exc)
             if failure.code == grpc.StatusCode.RESOURCE_EXHAUSTED.name:
