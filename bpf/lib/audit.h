@@ -30,12 +30,18 @@ static __always_inline int vpnr_audit_admit(const struct vpnr_config *cfg, __u32
 {
 	struct vpnr_audit_bucket *bucket = vpnr_audit_bucket_get(role);
 	__u64 cap = cfg->audit_burst * VPNR_NS_PER_SEC;
-	__u64 tokens;
+	__u64 tokens, elapsed;
 
 	if (!bucket)
 		return 0;
-	tokens = bucket->tokens + (now - bucket->last_ns) * cfg->audit_rate;
-	if (tokens > cap || now < bucket->last_ns)
+	elapsed = now - bucket->last_ns;
+	/* Compare the gap with the time to fill the bucket before multiplying: a long gap
+	 * (or the first event, last_ns = 0) times the rate would overflow 64 bits. */
+	if (now < bucket->last_ns || elapsed >= cap / cfg->audit_rate)
+		tokens = cap;
+	else
+		tokens = bucket->tokens + elapsed * cfg->audit_rate;
+	if (tokens > cap)
 		tokens = cap;
 	bucket->last_ns = now;
 	if (tokens < VPNR_NS_PER_SEC) {
