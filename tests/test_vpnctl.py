@@ -186,7 +186,7 @@ def test_describe_method_shows_request_type(
     assert code == 0
     assert "rpc Record(.vpnr.v1.RecordRequest) returns (.vpnr.v1.RecordResponse);" in out
     code, out, _ = vpnctl(router, capsys, "describe", "AuditService")
-    assert "rpc Follow(.vpnr.v1.FollowRequest) returns (stream .vpnr.v1.AuditRecord);" in out
+    assert "rpc Follow(.vpnr.v1.FollowRequest) returns (stream .vpnr.v1.FollowResponse);" in out
 
 
 def test_describe_messages_in_proto_syntax(
