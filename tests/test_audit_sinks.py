@@ -20,15 +20,10 @@ import pytest
 
 from conftest import unique
 from vpnr.auditd import records as R
+from vpnr.auditd.jsonfile import JsonLinesSink
 from vpnr.auditd.records import Formatter, Row
-from vpnr.auditd.sinks import (
-    JsonLinesSink,
-    Sink,
-    SyslogAddress,
-    SyslogFormat,
-    SyslogSink,
-    rfc3339_micro,
-)
+from vpnr.auditd.sinks import Sink
+from vpnr.auditd.syslog import SyslogAddress, SyslogFormat, SyslogSink, rfc3339_micro
 from vpnr.core.config import JsonSinkConfig, SyslogSinkConfig
 from vpnr.v1 import codes_pb2
 

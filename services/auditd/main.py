@@ -17,10 +17,12 @@ from prometheus_client.registry import Collector
 from vpnr.auditd import records as R
 from vpnr.auditd.follow import FollowHub
 from vpnr.auditd.ingest import Decoder, RoleNames
+from vpnr.auditd.jsonfile import JsonLinesSink
 from vpnr.auditd.pipeline import Pipeline
 from vpnr.auditd.service import AuditServicer
-from vpnr.auditd.sinks import JsonLinesSink, Sink, SyslogSink
+from vpnr.auditd.sinks import Sink
 from vpnr.auditd.store import AuditStore, StoreError
+from vpnr.auditd.syslog import SyslogSink
 from vpnr.core import bpfsys
 from vpnr.core.daemon import DaemonApp, StartupError, run_daemon
 from vpnr.policyd import layout
