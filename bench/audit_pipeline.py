@@ -460,11 +460,7 @@ class Rig:
 
     def kernel(self) -> dict[int, int]:
         """audit_lost counters summed over CPUs, by index (layout.AUDIT_*)."""
-        totals = {}
-        for cause in range(layout.AUDIT_LOST_MAX):
-            cpus = bpfsys.percpu_lookup(self.lost_fd, layout.U32.pack(cause), 8) or []
-            totals[cause] = sum(int.from_bytes(v, "little") for v in cpus)
-        return totals
+        return dict(enumerate(bpfsys.percpu_u64_totals(self.lost_fd, layout.AUDIT_LOST_MAX)))
 
     def unindexed_chunks(self) -> int:
         """Sealed chunks whose indexes auditd has not built yet (its catalog, read-only)."""

@@ -76,10 +76,9 @@ class Router:
         """The kernel's count of events written to the ring."""
         fd = bpfsys.obj_get(str(self.pins / "audit_lost"))
         try:
-            cpus = bpfsys.percpu_lookup(fd, layout.U32.pack(layout.AUDIT_EMITTED), 8) or []
+            return bpfsys.percpu_u64_totals(fd, layout.AUDIT_LOST_MAX)[layout.AUDIT_EMITTED]
         finally:
             os.close(fd)
-        return sum(int.from_bytes(v, "little") for v in cpus)
 
     def status(self) -> audit_pb2.AuditStatus:
         """auditd's Status."""

@@ -51,11 +51,7 @@ class KernelCounters:
                 self._fd = bpfsys.obj_get(str(self.pin))
             except OSError:
                 return {}
-        totals = {}
-        for cause in range(layout.AUDIT_LOST_MAX):
-            cpus = bpfsys.percpu_lookup(self._fd, layout.U32.pack(cause), 8) or []
-            totals[cause] = sum(int.from_bytes(v, "little") for v in cpus)
-        return totals
+        return dict(enumerate(bpfsys.percpu_u64_totals(self._fd, layout.AUDIT_LOST_MAX)))
 
     def close(self) -> None:
         """Close the map fd."""

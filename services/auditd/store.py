@@ -298,11 +298,12 @@ class AuditStore:
                              f"{self.chunks[-1].path}: {exc}") from exc
         chunk = self.chunks[-1]
         if chunk.first_id is None:
-            chunk.first_id, chunk.min_time_ns = rows[0][R.ID], rows[0][R.TIME_NS]
+            chunk.first_id = rows[0][R.ID]
         chunk.last_id = rows[-1][R.ID]
         times = [r[R.TIME_NS] for r in rows]
-        chunk.min_time_ns = min(chunk.min_time_ns or times[0], *times)
-        chunk.max_time_ns = max(chunk.max_time_ns or times[0], *times)
+        low, high = min(times), max(times)
+        chunk.min_time_ns = low if chunk.min_time_ns is None else min(chunk.min_time_ns, low)
+        chunk.max_time_ns = high if chunk.max_time_ns is None else max(chunk.max_time_ns, high)
         chunk.rows += len(rows)
         self.resume = ResumePoint(ring_map_id, ring_pos)
 

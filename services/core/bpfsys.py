@@ -389,6 +389,12 @@ class GracePeriod:
         os.close(self.inner_fd)
 
 
+def percpu_u64_totals(fd: int, max_entries: int) -> list[int]:
+    """Each u64 element of a per-CPU array summed over the CPUs (counters), by index."""
+    return [sum(int.from_bytes(v, "little") for v in row)
+            for row in percpu_array_rows(fd, 8, max_entries)]
+
+
 def percpu_array_rows(fd: int, value_size: int, max_entries: int) -> list[list[bytes]]:
     """Every element of a per-CPU array, one list of per-CPU values per index, read with
     BPF_MAP_LOOKUP_BATCH (a few syscalls instead of one per element)."""

@@ -307,11 +307,7 @@ class PolicyMaps:
 
     def audit_lost(self) -> list[int]:
         """audit_lost counters summed over CPUs, by AUDIT_* index."""
-        out = []
-        for cause in range(layout.AUDIT_LOST_MAX):
-            values = bpfsys.percpu_lookup(self.fds["audit_lost"], layout.U32.pack(cause), 8)
-            out.append(sum(layout.U64.unpack(v)[0] for v in values or []))
-        return out
+        return bpfsys.percpu_u64_totals(self.fds["audit_lost"], layout.AUDIT_LOST_MAX)
 
     def roleset(self, slot: int, roleset_id: int) -> tuple[int, ...]:
         """Role ids of a role set as the kernel holds it."""

@@ -142,17 +142,27 @@ class InitiatorHandshake:
             raise LocalProtocolError("read_response before initiation() or after finish")
         if response.receiver_index != self.local_index:
             raise LocalProtocolError("response for another handshake")
-        state = self._connection.noise_protocol.handshake_state
-        try:
-            self._connection.read_message(response.noise)
-        except _NOISE_ERRORS as exc:
-            raise RemoteProtocolError(errors.HANDSHAKE_FAILED, "message 2") from exc
-        remote_static = bytes(state.rs.public_bytes)
-        _check_static(self._is_known, remote_static)
+        remote_static = _read_static(self._connection, response.noise, "message 2",
+                                     self._is_known)
         finish_noise = bytes(self._connection.write_message(b""))
         keypair = _split(self._connection, self.local_index, response.sender_index, now,
                          initiator=True, remote_static=remote_static)
         return Finish(self.local_index, response.sender_index, finish_noise), keypair
+
+
+def _read_static(connection: NoiseConnection, noise: bytes, what: str,
+                 is_known: IsKnown) -> bytes:
+    """Read the handshake message that carries the peer's static key; return the key once
+    ``is_known`` accepts it."""
+    # noiseprotocol drops its handshake state when the handshake ends: keep a reference.
+    state = connection.noise_protocol.handshake_state
+    try:
+        connection.read_message(noise)
+    except _NOISE_ERRORS as exc:
+        raise RemoteProtocolError(errors.HANDSHAKE_FAILED, what) from exc
+    remote_static = bytes(state.rs.public_bytes)
+    _check_static(is_known, remote_static)
+    return remote_static
 
 
 class ResponderHandshake:
@@ -178,13 +188,7 @@ class ResponderHandshake:
             raise LocalProtocolError("read_finish called twice")
         if finish.sender_index != self.remote_index:
             raise RemoteProtocolError(errors.UNKNOWN_INDEX, "finish from another initiator")
-        # noiseprotocol drops its handshake state when the handshake ends: keep a reference.
-        state = self._connection.noise_protocol.handshake_state
-        try:
-            self._connection.read_message(finish.noise)
-        except _NOISE_ERRORS as exc:
-            raise RemoteProtocolError(errors.HANDSHAKE_FAILED, "message 3") from exc
-        remote_static = bytes(state.rs.public_bytes)
-        _check_static(self._is_known, remote_static)
+        remote_static = _read_static(self._connection, finish.noise, "message 3",
+                                     self._is_known)
         return _split(self._connection, self.local_index, self.remote_index, now,
                       initiator=False, remote_static=remote_static)
