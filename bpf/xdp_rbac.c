@@ -1,7 +1,9 @@
-/* XDP entry of policyd: one program for every configured interface.
+/* XDP entry of policyd (one program for every configured interface) and the TC entry of
+ * tunneld's decap interface: the same RBAC, from the same lib/ code and pinned maps.
  * The logic lives in lib/; this file defines the map accessors and orders the steps. */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
+#include <uapi/linux/pkt_cls.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/ipv6.h>
 #include <uapi/linux/tcp.h>
@@ -110,18 +112,51 @@ static __always_inline void vpnr_audit_submit(struct vpnr_audit_event *event)
 	audit_ring.ringbuf_submit(event, 0);
 }
 
+static __always_inline struct vpnr_tunnel_settings *vpnr_tunnel_settings_get(void)
+{
+	__u32 zero = 0;
+
+	return tunnel_settings.lookup(&zero);
+}
+
+static __always_inline __u32 *vpnr_tunnel_session(__u32 *index)
+{
+	return tunnel_sessions.lookup(index);
+}
+
+static __always_inline struct vpnr_hs_bucket *vpnr_hs_bucket_get(struct vpnr_hs_key *key,
+								 struct vpnr_hs_bucket *init)
+{
+	return handshake_limit.lookup_or_try_init(key, init);
+}
+
 #include "lib/audit.h"
 #include "lib/handoff.h"
 #include "lib/parse.h"
 #include "lib/policy.h"
 #include "lib/stats.h"
 #include "lib/trace.h"
+#include "lib/tunnel.h"
+
+/* The decap program's rule-scan stage (a program array holds one program type only). */
+BPF_PROG_ARRAY(tc_stages, 1);
 
 static __always_inline struct vpnr_handoff *vpnr_handoff_get(void)
 {
 	__u32 zero = 0;
 
 	return xdp_handoff.lookup(&zero);
+}
+
+/* Counters, accounting and the audit event of a decided packet (not for traced ones). */
+static __always_inline void vpnr_record(__u32 ifindex, const struct vpnr_config *cfg,
+					struct vpnr_decision *d, const struct vpnr_packet *pkt,
+					__u8 source)
+{
+	vpnr_count(ifindex, d->verdict, d->reason, pkt);
+	vpnr_account(d, pkt);
+	if (cfg && pkt->ip_version && (d->verdict == VPNR_VERDICT_DENY || cfg->allow_sample_n))
+		vpnr_audit(cfg, ifindex, d, pkt, source);
 }
 
 static __always_inline int vpnr_finish(struct xdp_md *ctx, const struct vpnr_config *cfg,
@@ -141,13 +176,8 @@ static __always_inline int vpnr_finish(struct xdp_md *ctx, const struct vpnr_con
 			d->reason = VPNR_REASON_TUNNEL_NO_SOCKET;
 		}
 	}
-	if (!vpnr_trace(ctx, d)) {
-		vpnr_count(ctx->ingress_ifindex, d->verdict, d->reason, pkt);
-		vpnr_account(d, pkt);
-		if (cfg && pkt->ip_version &&
-		    (d->verdict == VPNR_VERDICT_DENY || cfg->allow_sample_n))
-			vpnr_audit(cfg, ctx->ingress_ifindex, d, pkt);
-	}
+	if (!vpnr_trace(ctx, d))
+		vpnr_record(ctx->ingress_ifindex, cfg, d, pkt, VPNR_SOURCE_XDP);
 	if (cfg && (cfg->flags & VPNR_CFG_MONITOR))
 		return XDP_PASS; /* monitor mode: decided, counted, audited, not enforced */
 	if (d->verdict == VPNR_VERDICT_REDIRECT)
@@ -193,6 +223,13 @@ int xdp_rbac(struct xdp_md *ctx)
 	} else if (vpnr_infra_bypass(cfg, iface_zone, d.dst_zone, &pkt)) {
 		d.verdict = VPNR_VERDICT_ALLOW;
 		d.reason = VPNR_REASON_INFRA_BYPASS;
+		if (vpnr_is_tunnel_msg(cfg, iface_zone, &pkt)) {
+			malformed = vpnr_tunnel_filter(data, data_end, &pkt);
+			if (malformed) {
+				d.verdict = VPNR_VERDICT_DENY;
+				d.reason = malformed;
+			}
+		}
 	} else if (pkt.ip_version) {
 		if (vpnr_decide_ip(&pkt, iface_zone, &d, &scan)) {
 			handoff = vpnr_handoff_get();
@@ -224,4 +261,74 @@ int xdp_rbac_rules(struct xdp_md *ctx)
 	/* Work on the per-CPU hand-off in place: no copy back to the stack. */
 	vpnr_scan_rules(&handoff->pkt, &handoff->scan, &handoff->d);
 	return vpnr_finish(ctx, cfg, &handoff->d, &handoff->pkt);
+}
+
+/* tunneld's decap interface, TC ingress: decrypted inner packets from the tunnel meet the
+ * same RBAC before the kernel routes them. Their source zone is VPN by construction. */
+static __always_inline int vpnr_tc_finish(struct __sk_buff *skb, const struct vpnr_config *cfg,
+					  struct vpnr_decision *d, const struct vpnr_packet *pkt)
+{
+	vpnr_record(skb->ifindex, cfg, d, pkt, VPNR_SOURCE_TC_DECAP);
+	if (cfg && (cfg->flags & VPNR_CFG_MONITOR))
+		return TC_ACT_OK;
+	return d->verdict == VPNR_VERDICT_ALLOW ? TC_ACT_OK : TC_ACT_SHOT;
+}
+
+int tc_decap(struct __sk_buff *skb)
+{
+	void *data, *data_end;
+	struct vpnr_packet pkt = {};
+	struct vpnr_decision d = {};
+	struct vpnr_scan scan = {};
+	struct vpnr_handoff *handoff;
+	struct vpnr_config *cfg;
+	int malformed;
+
+	/* tunneld writes each packet in one piece; make sure the headers are linear. */
+	if (skb->data_end - skb->data < skb->len && skb->len <= VPNR_MAX_L4_OFFSET)
+		bpf_skb_pull_data(skb, skb->len);
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	cfg = vpnr_config_get();
+	d.src_zone = VPNR_ZONE_VPN;
+	if (!cfg) {
+		vpnr_settings_get(); /* lists the settings map (build id) among this program's */
+		d.verdict = VPNR_VERDICT_DENY;
+		d.reason = VPNR_REASON_MAP_ERROR;
+		return vpnr_tc_finish(skb, 0, &d, &pkt);
+	}
+	d.active = vpnr_active_word();
+	malformed = vpnr_parse(data, data_end, &pkt);
+	if (malformed) {
+		d.verdict = VPNR_VERDICT_DENY;
+		d.reason = malformed;
+	} else if (pkt.ip_version) {
+		d.dst_zone = vpnr_dst_zone(&pkt, d.active & VPNR_ACTIVE_SLOT);
+		if (vpnr_decide_ip(&pkt, VPNR_ZONE_VPN, &d, &scan)) {
+			handoff = vpnr_handoff_get();
+			if (handoff) {
+				handoff->pkt = pkt;
+				handoff->d = d;
+				handoff->scan = scan;
+				tc_stages.call(skb, VPNR_STAGE_RULES);
+			}
+			d.verdict = VPNR_VERDICT_DENY;
+			d.reason = VPNR_REASON_MAP_ERROR;
+		}
+	} else {
+		d.verdict = VPNR_VERDICT_DENY;
+		d.reason = VPNR_REASON_UNSUPPORTED_ETHERTYPE;
+	}
+	return vpnr_tc_finish(skb, cfg, &d, &pkt);
+}
+
+int tc_decap_rules(struct __sk_buff *skb)
+{
+	struct vpnr_handoff *handoff = vpnr_handoff_get();
+	struct vpnr_config *cfg = vpnr_config_get();
+
+	if (!handoff || !cfg)
+		return TC_ACT_SHOT;
+	vpnr_scan_rules(&handoff->pkt, &handoff->scan, &handoff->d);
+	return vpnr_tc_finish(skb, cfg, &handoff->d, &handoff->pkt);
 }

@@ -18,7 +18,7 @@ packages=(
 	python3 python3-venv python3-dev python3-bpfcc bpfcc-tools libbpf1 bpftool
 	clang llvm gcc make linux-headers-amd64
 	iproute2 iputils-ping ethtool tcpdump iperf3 nftables util-linux passwd procps
-	nodejs npm curl ca-certificates
+	nodejs npm curl ca-certificates wireguard-go wireguard-tools
 )
 missing=()
 for p in "${packages[@]}"; do

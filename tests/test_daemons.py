@@ -46,6 +46,9 @@ SERVICES: dict[str, tuple[str, Any, Any]] = {
 def test_daemon_lifecycle(daemon: str, tmp_path: Path, netns: str, instance: str) -> None:
     config = tmp_path / "router.toml"
     config.write_text(router_toml(instance, tmp_path, interface="lan0"))
+    # tunneld works on policyd's pinned maps (XSK map, session map): policyd comes first.
+    policyd = DaemonProcess("policyd", config, tmp_path / "run", instance,
+                            netns=netns).start() if daemon == "tunneld" else None
     proc = DaemonProcess(daemon, config, tmp_path / "run", instance, netns=netns).start()
     service, stub_cls, request_cls = SERVICES[daemon]
     try:
@@ -66,6 +69,8 @@ def test_daemon_lifecycle(daemon: str, tmp_path: Path, netns: str, instance: str
         assert status.daemon.socket_path == str(proc.socket)
     finally:
         code = proc.stop()
+        if policyd is not None:
+            policyd.stop()
     assert code == 0, proc.output()
     assert not proc.socket.exists()
     assert '"msg": "stopped"' in proc.output()
@@ -77,6 +82,8 @@ def status_once(daemon: str, tmp_path: Path, instance: str, netns: str | None = 
     config = tmp_path / "router.toml"
     config.write_text(router_toml(instance, tmp_path, interface="lan0" if netns else "lo",
                                   extra=extra_config))
+    policyd = DaemonProcess("policyd", config, tmp_path / "run", instance,
+                            netns=netns).start() if daemon == "tunneld" else None
     proc = DaemonProcess(daemon, config, tmp_path / "run", instance, netns=netns).start()
     _, stub_cls, request_cls = SERVICES[daemon]
     try:
@@ -84,6 +91,8 @@ def status_once(daemon: str, tmp_path: Path, instance: str, netns: str | None = 
             return stub_cls(channel).Status(request_cls(), timeout=10)
     finally:
         assert proc.stop() == 0
+        if policyd is not None:
+            assert policyd.stop() == 0
 
 
 @pytest.mark.root
@@ -109,6 +118,22 @@ def test_tunneld_reports_probe_and_datapath(tmp_path: Path, netns: str, instance
     assert any("chacha20,poly1305" in c for c in status.probe.kfunc_ciphers_refused)
     assert status.datapath_mode == "afxdp-userspace-aead"
     assert status.datapath_reason
+    # The data path is open: an AF_XDP socket on the LAN, the decap TAP with its program.
+    assert list(status.lan_interfaces) == ["lan0"]
+    assert status.decap_interface == "vpnr0" and status.decap_program_id > 0
+    assert status.inner_mtu == 1440  # lan0's 1500 minus 60 bytes of tunnel overhead
+    assert len(status.public_key) == 44 and not status.peers
+
+
+@pytest.mark.root
+def test_tunneld_without_policyd_says_so(tmp_path: Path, netns: str, instance: str) -> None:
+    config = tmp_path / "router.toml"
+    config.write_text(router_toml(instance, tmp_path, interface="lan0"))
+    argv = ["nsenter", f"--net=/run/netns/{netns}", str(BIN / "tunneld"), "--config",
+            str(config)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode != 0
+    assert "start policyd first" in done.stderr
 
 
 @pytest.mark.root

@@ -58,6 +58,7 @@ FIELDS: dict[str, list[str]] = {
         "verdict", "reason", "src_zone", "dst_zone", "source", "event_version", "flags",
         "icmp_type",
     ],
+    "vpnr_tunnel_settings": ["flags", "handshake_rate", "handshake_burst", "reserved"],
 }
 
 # Every int constant in layout.py mirrors the C #define VPNR_<NAME>: found by type, so a
@@ -85,6 +86,7 @@ PROLOGUE = """\
 #undef __always_inline
 #define __always_inline inline
 #define BPF_TABLE_PINNED(...)
+#define BPF_TABLE(...)
 #define BPF_ARRAY(...)
 #define BPF_PROG_ARRAY(...)
 #define BPF_PERCPU_ARRAY(...)

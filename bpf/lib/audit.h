@@ -54,7 +54,7 @@ static __always_inline int vpnr_audit_admit(const struct vpnr_config *cfg, __u32
 
 static __always_inline void vpnr_audit(const struct vpnr_config *cfg, __u32 ifindex,
 				       const struct vpnr_decision *d,
-				       const struct vpnr_packet *pkt)
+				       const struct vpnr_packet *pkt, __u8 source)
 {
 	struct vpnr_audit_event *event;
 	struct vpnr_roleset *roleset = 0;
@@ -114,7 +114,7 @@ static __always_inline void vpnr_audit(const struct vpnr_config *cfg, __u32 ifin
 	event->reason = d->reason;
 	event->src_zone = d->src_zone;
 	event->dst_zone = d->dst_zone;
-	event->source = VPNR_SOURCE_XDP;
+	event->source = source;
 	event->event_version = VPNR_AUDIT_EVENT_VERSION;
 	event->flags = (pkt->flags & VPNR_PKT_FRAGMENT) ? 1 : 0;
 	event->icmp_type = (pkt->flags & VPNR_PKT_ICMP) ? pkt->icmp_type : 0xffff;

@@ -206,6 +206,35 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct vpnr_audit_bucket, audit_buckets,
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, audit_lost, VPNR_AUDIT_LOST_MAX,
 		 VPNR_PIN(audit_lost));
 
+/* tunneld's half of the WAN check (lib/tunnel.h): written by tunneld, read by XDP. */
+#define VPNR_TUNNEL_ENFORCE (1 << 0)
+#define VPNR_MAX_TUNNEL_SESSIONS 65536
+#define VPNR_MAX_HANDSHAKE_SOURCES 65536
+
+struct vpnr_tunnel_settings {
+	__u32 flags;              /* VPNR_TUNNEL_* */
+	__u32 handshake_rate;     /* handshake messages per second per source address */
+	__u32 handshake_burst;    /* bucket depth, messages */
+	__u32 reserved;
+};
+
+struct vpnr_hs_key {
+	__u8 addr[16];            /* IPv4 in the first 4 bytes */
+};
+
+struct vpnr_hs_bucket {
+	__u64 tokens;             /* 1e9 per message */
+	__u64 last_ns;
+};
+
+BPF_TABLE_PINNED("array", __u32, struct vpnr_tunnel_settings, tunnel_settings, 1,
+		 VPNR_PIN(tunnel_settings));
+/* receiver index (as the 4 wire bytes) -> peer id; tunneld's live keypairs */
+BPF_TABLE_PINNED("hash", __u32, __u32, tunnel_sessions, VPNR_MAX_TUNNEL_SESSIONS,
+		 VPNR_PIN(tunnel_sessions));
+BPF_TABLE("lru_hash", struct vpnr_hs_key, struct vpnr_hs_bucket, handshake_limit,
+	  VPNR_MAX_HANDSHAKE_SOURCES);
+
 /* bcc has no pinned ring buffer or XSK map macro: the same struct its macros declare, with
  * the pin path in the section name. */
 struct audit_ring_table_t {

@@ -43,6 +43,8 @@ struct vpnr_packet {
 	__u8 hop_limit;    /* IPv4 TTL or IPv6 hop limit */
 	__u8 flags;        /* VPNR_PKT_* */
 	__u8 reserved;
+	__u16 l4_off;      /* offset of the TCP/UDP/ICMP header from the frame start */
+	__u16 reserved2;
 };
 
 struct vpnr_vlan_hdr {
@@ -62,6 +64,7 @@ static __always_inline int vpnr_parse_l4(void *data, void *data_end, __u32 off,
 {
 	if (off > VPNR_MAX_L4_OFFSET)
 		return VPNR_REASON_MALFORMED_L4;
+	pkt->l4_off = off;
 	if (pkt->ip_protocol == VPNR_IPPROTO_TCP) {
 		struct tcphdr *tcp = data + off;
 

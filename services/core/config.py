@@ -144,6 +144,30 @@ class TunneldConfig(MetricsConfig):
 
     listen_port: int = doc("UDP port for tunnel messages.", "port", 51820)
     wan_interface: str = doc("Interface facing the underlay.", "ifname?", "")
+    lan_interfaces: tuple[str, ...] = doc(
+        "Interfaces whose VPN-zone traffic policyd redirects to tunneld (AF_XDP); empty: "
+        "policyd's internal interfaces.", "", ())
+    decap_interface: str = doc("TAP device through which decrypted packets enter the kernel "
+                               "(TC ingress applies the RBAC).", "ifname", "vpnr0")
+    wan_mtu: int = doc("MTU of the underlay path; 0 reads the WAN interface's.", "nonneg", 0)
+    static_key_file: str = doc("This router's static key (JSON, 0600), created on first "
+                               "start; relative paths are under the state directory.", "path",
+                               "tunneld/static.key")
+    peer_database: str = doc("SQLite file of peers and revoked keys; relative paths are "
+                             "under the state directory.", "path", "tunneld/peers.sqlite")
+    rekey_after_seconds: float = doc("Start a new handshake when a session is this old "
+                                     "(WireGuard REKEY_AFTER_TIME).", "positive", 120.0)
+    reject_after_seconds: float = doc("Never use a keypair older than this "
+                                      "(REJECT_AFTER_TIME); must exceed rekey_after_seconds.",
+                                      "positive", 180.0)
+    rekey_after_messages: int = doc("Start a new handshake after this many messages.",
+                                    "positive", 2**60)
+    handshake_rate: int = doc("Handshake messages per second one source address may send "
+                              "(enforced in XDP); 0 disables the limit.", "nonneg", 20)
+    handshake_burst: int = doc("Handshake messages one source may send at once.", "positive",
+                               40)
+    cookie_threshold: int = doc("Half-done handshakes beyond which initiations must carry a "
+                                "cookie (under load).", "positive", 64)
     peers: tuple[PeerConfig, ...] = doc("Peer routers.", "", ())
 
 

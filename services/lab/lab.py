@@ -24,6 +24,7 @@ import grpc
 from vpnr.core.client import is_serving, socket_target
 from vpnr.lab.policy import site_policy
 from vpnr.lab.topology import DAEMONS, IDP_ADDRESS, IDP_PORT, LabSpec, Site
+from vpnr.tunneld.keys import StaticKeys, b64
 from vpnr.v1 import policy_pb2, policy_pb2_grpc
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -108,12 +109,18 @@ class Lab:
             self._build_network()
             if self.spec.with_idp:
                 self._start_idp()
+            keys = self._static_keys()
             for site in self.spec.sites:
-                self._configure_router(site)
-                for daemon in DAEMONS:
+                other = next(s for s in self.spec.sites if s.letter != site.letter)
+                self._configure_router(site, keys[other.letter])
+                # tunneld and auditd open policyd's pinned maps: policyd comes first.
+                self.start_daemon(site, "policyd")
+            for site in self.spec.sites:
+                self.wait_ready(site, "policyd")
+                for daemon in DAEMONS[1:]:
                     self.start_daemon(site, daemon)
             for site in self.spec.sites:
-                for daemon in DAEMONS:
+                for daemon in DAEMONS[1:]:
                     self.wait_ready(site, daemon)
             for site in self.spec.sites:
                 self.install_policy(site)
@@ -162,6 +169,9 @@ class Lab:
             for n, host in enumerate(site.host_namespaces, start=1):
                 self._veth(host, "eth0", site.switch_ns, f"p-h{n}")
                 ports.append(f"p-h{n}")
+                # A wire carries whole checksums; a veth would pass the sender's partial
+                # one, which XDP (and so tunneld's AF_XDP socket) sees as is.
+                ns_run(host, "ethtool", "-K", "eth0", "tx", "off")
                 ns_run(host, "ip", "addr", "add", f"{site.host_v4(n)}/24", "dev", "eth0")
                 ns_run(host, "ip", "-6", "addr", "add", f"{site.host_v6(n)}/64", "dev", "eth0",
                        "nodad")
@@ -175,7 +185,13 @@ class Lab:
         self._bridge(ul, [f"p-{s.letter}" for s in self.spec.sites])
         ns_run(ul, "ip", "addr", "add", f"{IDP_ADDRESS}/24", "dev", "br0")
 
-    def _configure_router(self, site: Site) -> None:
+    def _static_keys(self) -> dict[str, str]:
+        """Each router's tunnel static key, created now (0600) so that each router's
+        config can name the other's public key; tunneld reads it from its state dir."""
+        return {site.letter: b64(StaticKeys.load_or_create(self.spec.static_key_path(site))
+                                 .public) for site in self.spec.sites}
+
+    def _configure_router(self, site: Site, peer_public_key: str = "") -> None:
         for path in (site.state_dir, site.log_dir):
             path.mkdir(parents=True, exist_ok=True)
         for shared in (self.spec.run_dir, self.spec.bpffs_dir):
@@ -186,7 +202,7 @@ class Lab:
                 raise LabError(f"{path} exists: instance {site.instance!r} is in use by "
                                "another router on this host")
             self._record("paths", str(path))
-        site.config_path.write_text(self.spec.router_config(site))
+        site.config_path.write_text(self.spec.router_config(site, peer_public_key))
 
     # -- processes ----------------------------------------------------------------------
 

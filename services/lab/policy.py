@@ -3,18 +3,21 @@
 Host 1 is an engineer (ICMP, SSH and the 5000-5999 service range on the router, DNS, and
 everything at the other site through the tunnel), host 2 is in sales (ICMP and DNS; SSH is
 explicitly denied), further hosts have no binding and are denied. The site's own LAN is the
-INTERNAL zone, the other site's LAN the VPN zone.
+INTERNAL zone, the other site's LAN the VPN zone. The other site's hosts have the same
+roles here, so the decap program judges what the tunnel brings in by this site's rules
+(engineers may reach this site, except telnet). The underlay may reach the router's WAN
+address (the IdP's answers); tunnel messages pass by the tunnel port's own check.
 """
 
 from __future__ import annotations
 
-from vpnr.lab.topology import LabSpec, Site
+from vpnr.lab.topology import UNDERLAY_V4, LabSpec, Site
 from vpnr.v1 import codes_pb2, policy_pb2
 
 ALLOW, DENY = policy_pb2.ACTION_ALLOW, policy_pb2.ACTION_DENY
 TCP, UDP = codes_pb2.PROTOCOL_TCP, codes_pb2.PROTOCOL_UDP
 ICMP, ICMPV6 = codes_pb2.PROTOCOL_ICMP, codes_pb2.PROTOCOL_ICMPV6
-SSH_PORT, DNS_PORT, SERVICE_PORTS = 22, 53, (5000, 5999)
+SSH_PORT, DNS_PORT, TELNET_PORT, SERVICE_PORTS = 22, 53, 23, (5000, 5999)
 
 
 def _rule(rule_id: int, action: policy_pb2.Action,
@@ -39,6 +42,11 @@ def site_policy(spec: LabSpec, site: Site) -> policy_pb2.PolicyDocument:
         _rule(15, ALLOW, TCP, router6, (SSH_PORT, SSH_PORT), "ssh to the router (v6)"),
         _rule(16, ALLOW, dst=other.lan_v4, description="the other site"),
         _rule(17, ALLOW, dst=other.lan_v6, description="the other site (v6)"),
+        # Arriving through the tunnel from the other site's engineers (the decap program):
+        _rule(18, ALLOW, dst=site.lan_v4, description="this site, from the other site"),
+        _rule(19, ALLOW, dst=site.lan_v6, description="this site, from the other site (v6)"),
+        _rule(25, DENY, TCP, site.lan_v4, (TELNET_PORT, TELNET_PORT),
+              "no telnet into this site", priority=0),
     ])
     sales = policy_pb2.Role(name="sales", description="sales", rules=[
         _rule(20, ALLOW, ICMP, description="ping anything"),
@@ -46,15 +54,23 @@ def site_policy(spec: LabSpec, site: Site) -> policy_pb2.PolicyDocument:
         _rule(22, DENY, TCP, router4, (SSH_PORT, SSH_PORT), "no ssh", priority=0),
         _rule(23, ALLOW, UDP, router4, (DNS_PORT, DNS_PORT), "dns"),
     ])
-    bindings = []
-    for n, role in ((1, "eng"), (2, "sales")):
-        if n <= spec.hosts_per_site:
-            bindings.append(policy_pb2.Binding(prefix=f"{site.host_v4(n)}/32", roles=[role],
-                                               source="lab", subject=f"host{n}"))
-            bindings.append(policy_pb2.Binding(prefix=f"{site.host_v6(n)}/128", roles=[role],
-                                               source="lab", subject=f"host{n}"))
+    underlay = policy_pb2.Role(name="underlay", description="the WAN's routers and IdP",
+                               rules=[_rule(30, ALLOW, dst=f"{site.router_wan_v4}/32",
+                                            description="to this router's WAN address")])
+    bindings = [policy_pb2.Binding(prefix=UNDERLAY_V4, roles=["underlay"], source="lab",
+                                   subject="underlay")]
+    # Both sites' people: each router enforces its own rules on what the tunnel brings in.
+    for where in (site, other):
+        for n, role in ((1, "eng"), (2, "sales")):
+            if n <= spec.hosts_per_site:
+                subject = f"host{n}" if where is site else f"site-{where.letter}-host{n}"
+                bindings.append(policy_pb2.Binding(prefix=f"{where.host_v4(n)}/32",
+                                                   roles=[role], source="lab", subject=subject))
+                bindings.append(policy_pb2.Binding(prefix=f"{where.host_v6(n)}/128",
+                                                   roles=[role], source="lab", subject=subject))
     zones = [policy_pb2.ZoneAssignment(prefix=site.lan_v4, zone=codes_pb2.ZONE_INTERNAL),
              policy_pb2.ZoneAssignment(prefix=site.lan_v6, zone=codes_pb2.ZONE_INTERNAL),
              policy_pb2.ZoneAssignment(prefix=other.lan_v4, zone=codes_pb2.ZONE_VPN),
              policy_pb2.ZoneAssignment(prefix=other.lan_v6, zone=codes_pb2.ZONE_VPN)]
-    return policy_pb2.PolicyDocument(roles=[eng, sales], bindings=bindings, zones=zones)
+    return policy_pb2.PolicyDocument(roles=[eng, sales, underlay], bindings=bindings,
+                                   zones=zones)

@@ -157,8 +157,13 @@ class LabSpec:
         the tests do)."""
         return self.lab_dir / f"syslog-{site.letter}.sock"
 
-    def router_config(self, site: Site) -> str:
-        """The router's TOML configuration."""
+    def static_key_path(self, site: Site) -> Path:
+        """The router's tunnel static key (tunneld's default place under its state)."""
+        return site.state_dir / "tunneld" / "static.key"
+
+    def router_config(self, site: Site, peer_public_key: str = "") -> str:
+        """The router's TOML configuration; ``peer_public_key``: the other router's tunnel
+        key (no peer without it)."""
         syslog = (f'[auditd.syslog]\nenabled = true\ntarget = "unix:{self.syslog_socket(site)}"\n'
                   f'hostname = "{site.instance}"\n\n' if self.syslog else "")
         idp = f'issuer = "{self.issuer}"\nclient_id = "vpnr-idpd"\n' if self.with_idp else ""
@@ -172,10 +177,12 @@ class LabSpec:
             f'admin_group = "{self.admin_group}"\n\n'
             "[policyd]\n"
             f"metrics_port = {METRICS_PORTS['policyd']}\n"
-            'interfaces = [{name = "lan0", zone = "internal"}]\n\n'
+            'interfaces = [{name = "lan0", zone = "internal"}, '
+            '{name = "wan0", zone = "external"}]\n\n'
             "[tunneld]\n"
             f"metrics_port = {METRICS_PORTS['tunneld']}\n"
             'wan_interface = "wan0"\n\n'
+            + self._peer_config(site, peer_public_key) +
             "[auditd]\n"
             f"metrics_port = {METRICS_PORTS['auditd']}\n\n"
             + syslog +
@@ -183,3 +190,13 @@ class LabSpec:
             f"metrics_port = {METRICS_PORTS['idpd']}\n"
             + idp
         )
+
+    def _peer_config(self, site: Site, public_key: str) -> str:
+        if not public_key:
+            return ""
+        other = next(s for s in self.sites if s.letter != site.letter)
+        return ("[[tunneld.peers]]\n"
+                f'name = "site-{other.letter}"\n'
+                f'public_key = "{public_key}"\n'
+                f'endpoint = "{other.router_wan_v4}:51820"\n'
+                f'allowed_prefixes = ["{other.lan_v4}", "{other.lan_v6}"]\n\n')

@@ -31,22 +31,25 @@ def settings_map_fd(prog_fd: int) -> int | None:
 
 
 def build(source: str, function: str, cflags: list[str], build_id: bytes, staging: str,
-          stages: str = "", stage_functions: Sequence[str] = ()) -> None:
+          stages: str = "", stage_functions: Sequence[str] = (), prog_type: str = "xdp",
+          stages_table: str = "xdp_stages") -> None:
     """Compile, load, stamp and pin; raises on any failure.
 
-    ``stage_functions`` are loaded into the program array ``xdp_stages`` (tail calls), which
+    ``stage_functions`` are loaded into the program array ``stages_table`` (tail calls), which
     is pinned at ``stages``: the kernel empties a program array once no file or pin holds it.
+    ``prog_type``: ``xdp`` (policyd) or ``sched_cls`` (tunneld's decap program).
     """
     import ctypes
 
     from bcc import BPF
 
+    kind = {"xdp": BPF.XDP, "sched_cls": BPF.SCHED_CLS}[prog_type]
     program = BPF(src_file=source, cflags=cflags)
-    loaded = program.load_func(function, BPF.XDP)
+    loaded = program.load_func(function, kind)
     if stage_functions:
-        table = program.get_table("xdp_stages")
+        table = program.get_table(stages_table)
         for index, name in enumerate(stage_functions):
-            stage = program.load_func(name, BPF.XDP)
+            stage = program.load_func(name, kind)
             table[ctypes.c_int(index)] = ctypes.c_int(stage.fd)
         bpfsys.obj_pin(table.map_fd, stages)
     settings_fd = settings_map_fd(loaded.fd)
@@ -69,10 +72,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--staging", required=True, help="bpffs path to pin the program at")
     parser.add_argument("--stages", default="", help="bpffs path to pin the tail-call array at")
     parser.add_argument("--stage-function", action="append", default=[])
+    parser.add_argument("--prog-type", choices=("xdp", "sched_cls"), default="xdp")
+    parser.add_argument("--stages-table", default="xdp_stages")
     args = parser.parse_args(argv)
     try:
         build(args.source, args.function, args.cflag, bytes.fromhex(args.build_id),
-              args.staging, args.stages, args.stage_function)
+              args.staging, args.stages, args.stage_function, args.prog_type,
+              args.stages_table)
     except Exception as exc:  # noqa: BLE001 - bcc raises bare Exception; report and fail
         print(f"build failed: {exc}", file=sys.stderr)
         return 1

@@ -55,6 +55,8 @@ def expected_maps(ring_bytes: int) -> dict[str, tuple[int, int, int, int]]:
         "audit_lost": (PERCPU_ARRAY, 4, 8, layout.AUDIT_LOST_MAX),
         "audit_ring": (RINGBUF, 0, 0, ring_bytes),
         "xsk_map": (XSKMAP, 4, 4, layout.MAX_QUEUES),
+        "tunnel_settings": (ARRAY, 4, layout.TUNNEL_SETTINGS.size, 1),
+        "tunnel_sessions": (HASH, 4, 4, layout.MAX_TUNNEL_SESSIONS),
     }
 
 

@@ -18,6 +18,8 @@ MAX_CANDIDATES = 512
 MAX_ZONES = 4096
 MAX_IFINDEX = 65536
 MAX_QUEUES = 64
+MAX_TUNNEL_SESSIONS = 65536
+TUNNEL_ENFORCE = 1  # VPNR_TUNNEL_ENFORCE
 STATS_MAX_ENTRIES = 4096
 
 ACTIVE_SLOT = 1
@@ -63,6 +65,7 @@ BUCKET_KEY = struct.Struct("=IHBB")            # struct vpnr_bucket_key
 BUCKET = struct.Struct("=II")                  # struct vpnr_bucket
 RULE = struct.Struct("=4I4I4I4IIHHHBBI")       # struct vpnr_rule
 AUDIT_BUCKET = struct.Struct("=QQ")            # struct vpnr_audit_bucket
+TUNNEL_SETTINGS = struct.Struct("=IIII")       # struct vpnr_tunnel_settings
 ACTIVE = struct.Struct("=Q")                   # policy_active value
 U32 = struct.Struct("=I")
 U64 = struct.Struct("=Q")
@@ -88,6 +91,7 @@ C_STRUCTS: dict[str, struct.Struct] = {
     "vpnr_audit_bucket": AUDIT_BUCKET,
     "vpnr_trace": TRACE,
     "vpnr_audit_event": AUDIT_EVENT,
+    "vpnr_tunnel_settings": TUNNEL_SETTINGS,
 }
 
 

@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from vpnr.core import bpfsys
-from vpnr.core.client import socket_target
+from vpnr.core.auditrec import AuditRecorder
 from vpnr.core.daemon import DaemonApp, Runtime, StartupError, run_daemon
 from vpnr.policyd import convert, layout, testrun
 from vpnr.policyd.datapath import DatapathError, XdpDatapath
@@ -26,7 +26,6 @@ from vpnr.policyd.service import PolicyServicer, protocol_number
 from vpnr.policyd.store import PolicyStore, StoreError
 from vpnr.v1 import (
     audit_pb2,
-    audit_pb2_grpc,
     codes_pb2,
     common_pb2,
     policy_pb2,
@@ -103,7 +102,7 @@ class Policyd(DaemonApp):
         self._maps: PolicyMaps | None = None
         self._engine: PolicyEngine | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._audit_channel: grpc.aio.Channel | None = None
+        self.audit = AuditRecorder(self.config.router.socket_path("auditd"))
 
     @property
     def maps(self) -> PolicyMaps:
@@ -160,8 +159,7 @@ class Policyd(DaemonApp):
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._audit_channel is not None:
-            await self._audit_channel.close()
+        await self.audit.close()
         if self._engine is not None:
             await self._engine.store.close()
         if self._maps is not None:
@@ -198,21 +196,7 @@ class Policyd(DaemonApp):
                                        version_after=change.version,
                                        detail_json=json.dumps(detail), success=True)
         log.info("policy changed", extra={"action": action, "version": change.version})
-        self._tasks = [t for t in self._tasks if not t.done()]
-        self._tasks.append(asyncio.create_task(self._send_record(event)))
-
-    async def _send_record(self, event: audit_pb2.ControlEvent) -> None:
-        path = self.config.router.socket_path("auditd")
-        if not path.exists():
-            return
-        if self._audit_channel is None:
-            self._audit_channel = grpc.aio.insecure_channel(socket_target(path))
-        try:
-            await audit_pb2_grpc.AuditServiceStub(self._audit_channel).Record(
-                audit_pb2.RecordRequest(event=event), timeout=2)
-        except grpc.aio.AioRpcError as exc:
-            log.warning("auditd did not take a control record",
-                        extra={"code": exc.code().name})
+        self.audit.record(event)
 
     # -- reading ------------------------------------------------------------------
 

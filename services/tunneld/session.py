@@ -17,7 +17,7 @@ keeps decrypting packets still in flight until it expires.
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -92,7 +92,8 @@ class PeerSession:
 
     def __init__(self, *, static_private: bytes, peer_static: bytes, is_known: IsKnown,
                  random_source: RandomSource, timers: Timers | None = None,
-                 persistent_keepalive: float = 0.0) -> None:
+                 persistent_keepalive: float = 0.0,
+                 allocate_index: Callable[[], int] | None = None) -> None:
         self.peer_static = peer_static
         self.timers = timers or Timers()
         self.persistent_keepalive = persistent_keepalive
@@ -104,6 +105,15 @@ class PeerSession:
             .public_bytes(Encoding.Raw, PublicFormat.Raw)
         self._is_known = is_known
         self._random = random_source
+        self._allocate_index = allocate_index
+        self.fallback_static: bytes | None = None
+        """During a static key rotation's overlap: the previous private key, tried on every
+        other handshake attempt for peers that do not know the new public key yet."""
+        self._attempts = 0
+        self._initiator_static = static_private
+        self.index_epoch = 0
+        """Bumped whenever the set of receiver indexes may have changed (the router then
+        updates its index table and the kernel's session map)."""
         self.current: Keypair | None = None
         self.previous: Keypair | None = None
         self.next: Keypair | None = None
@@ -156,6 +166,15 @@ class PeerSession:
         """Inner packets waiting for a session."""
         return len(self._queue)
 
+    def set_static(self, private: bytes, fallback: bytes | None) -> None:
+        """Use a new static key from the next handshake on (rotation); ``fallback`` is the
+        previous one while the overlap lasts."""
+        self._static_private = private
+        self.static_public = X25519PrivateKey.from_private_bytes(private).public_key() \
+            .public_bytes(Encoding.Raw, PublicFormat.Raw)
+        self.fallback_static = fallback
+        self._attempts = 0
+
     def initiate(self, now: float) -> None:
         """Start a handshake now (first contact or a rekey) unless one is under way."""
         if self.revoked:
@@ -204,6 +223,7 @@ class PeerSession:
 
     def revoke(self) -> None:
         """Tear down at once: forget every key and handshake, drop queued packets."""
+        self.index_epoch += 1
         self.revoked = True
         self.current = self.previous = self.next = None
         self._initiator = None
@@ -215,6 +235,7 @@ class PeerSession:
     # --- Receiving ------------------------------------------------------------------------
 
     def _receive_initiation(self, message: messages.Initiation, now: float) -> None:
+        self.index_epoch += 1
         local_index = self._new_index()
         responder = ResponderHandshake(self._static_private, local_index, self._check_peer,
                                        message, now)
@@ -224,6 +245,7 @@ class PeerSession:
         self._datagrams.append(messages.encode_response(responder.response))
 
     def _receive_response(self, message: messages.Response, now: float) -> None:
+        self.index_epoch += 1
         initiator = self._initiator
         if initiator is None or initiator.local_index != message.receiver_index or \
                 (self.next is not None and self.next.local_index == initiator.local_index):
@@ -233,11 +255,19 @@ class PeerSession:
         self.next = keypair  # unconfirmed until data decrypts with it
 
     def _receive_finish(self, message: messages.Finish, now: float) -> None:
-        responder = self._responders.get(message.receiver_index)
+        self.index_epoch += 1
+        # Popped before reading: a message 3 is read once, whatever the outcome, so a resent
+        # or replayed one is an unknown index (counted), never a second read.
+        responder = self._responders.pop(message.receiver_index, None)
         if responder is None:
             raise RemoteProtocolError(errors.UNKNOWN_INDEX, f"finish to {message.receiver_index}")
-        keypair = responder.read_finish(message, now)
-        del self._responders[message.receiver_index]
+        self.accept_responder_keypair(responder.read_finish(message, now), now)
+
+    def accept_responder_keypair(self, keypair: Keypair, now: float) -> None:
+        """Install the keypair of a handshake this peer started and we answered (the router
+        calls this after reading message 3 itself, when it learnt which peer it was)."""
+        if self.revoked:
+            raise RemoteProtocolError(errors.REVOKED)
         if self._initiator is not None and self._we_win_tie():
             return  # both sides initiated: the smaller static key's handshake wins
         self._initiator = None
@@ -259,6 +289,8 @@ class PeerSession:
         if keypair is self.next:
             self.next = None
             self._initiator = None
+            # Start the next rekey with the static key that just worked.
+            self._attempts = 0 if self._initiator_static == self._static_private else 1
             self._install(keypair, now)
             self._flush_queue(keypair, now)
         if inner:
@@ -285,6 +317,7 @@ class PeerSession:
 
     def _install(self, keypair: Keypair, now: float) -> None:
         """Make ``keypair`` current; the old current keeps decrypting as previous."""
+        self.index_epoch += 1
         self.previous = self.current
         self.current = keypair
         self._timers_handshake_complete(now)
@@ -313,7 +346,26 @@ class PeerSession:
     def _we_win_tie(self) -> bool:
         return self.static_public < self.peer_static
 
+    def local_indexes(self) -> set[int]:
+        """Every receiver index this session answers to: keypairs and handshakes."""
+        used = {kp.local_index for kp in self._keypairs()} | set(self._responders)
+        if self._initiator is not None:
+            used.add(self._initiator.local_index)
+        return used
+
+    def keypair_indexes(self) -> set[int]:
+        """Receiver indexes of the keypairs that may decrypt data (the kernel's list)."""
+        return {kp.local_index for kp in self._keypairs()}
+
+    def keypairs(self) -> list[tuple[str, Keypair]]:
+        """(slot, keypair) for current, previous and next, those that exist."""
+        return [(slot, kp) for slot, kp in (("current", self.current),
+                                            ("previous", self.previous), ("next", self.next))
+                if kp is not None]
+
     def _new_index(self) -> int:
+        if self._allocate_index is not None:
+            return self._allocate_index()
         used = {kp.local_index for kp in self._keypairs()} | set(self._responders)
         if self._initiator is not None:
             used.add(self._initiator.local_index)
@@ -325,8 +377,13 @@ class PeerSession:
     # --- Sending --------------------------------------------------------------------------
 
     def _send_initiation(self, now: float) -> None:
-        self._initiator = InitiatorHandshake(self._static_private, self._new_index(),
-                                             self._check_peer, now)
+        self.index_epoch += 1
+        static = self._static_private
+        if self.fallback_static is not None and self._attempts % 2:
+            static = self.fallback_static
+        self._attempts += 1
+        self._initiator_static = static
+        self._initiator = InitiatorHandshake(static, self._new_index(), self._check_peer, now)
         initiation = self._initiator.initiation()
         encoded = messages.encode_initiation(initiation)
         mac_at = len(encoded) - len(initiation.cookie_mac)
@@ -372,6 +429,7 @@ class PeerSession:
 
     def _expired_rekey_timeout(self, now: float) -> None:
         """Retry the handshake, or give up after REKEY_ATTEMPT_TIME."""
+        self.index_epoch += 1
         started = now if self._attempt_started is None else self._attempt_started
         if now - started >= self.timers.rekey_attempt_time:
             dropped = len(self._queue)
@@ -399,6 +457,7 @@ class PeerSession:
 
     def _expired_keypairs(self, now: float) -> None:
         """Forget keypairs older than REJECT_AFTER_TIME."""
+        self.index_epoch += 1
         limit = self.timers.reject_after_time
         if self.previous is not None and now - self.previous.created_at >= limit:
             self.previous = None
