@@ -1,6 +1,6 @@
 """Tiny traffic tools run inside lab namespaces (``python netprobe.py VERB ...``).
 
-serve HOST            TCP echo on ports 22 and 5000-5002, UDP echo on 53; runs until killed
+serve HOST            TCP echo on ports 22, 23 and 5000-5002, UDP echo on 53; runs until killed
 tcp HOST PORT         connect (2 s timeout), send one line, print OK or FAIL
 udp HOST PORT         send one datagram, wait 1 s for the echo, print OK or FAIL
 session HOST PORT     connect, then for each line on stdin send it and print OK or TIMEOUT
@@ -13,7 +13,7 @@ import socket
 import sys
 import threading
 
-TCP_PORTS = (22, 5000, 5001, 5002)
+TCP_PORTS = (22, 23, 5000, 5001, 5002)
 UDP_PORT = 53
 
 

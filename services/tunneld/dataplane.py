@@ -200,7 +200,7 @@ class DataPlane:
             if packet is None:
                 self.counters["lan_not_ip"] += 1
                 continue
-            router.from_lan(bytearray(packet))
+            router.from_lan(packet)
 
     def _on_tap(self) -> None:
         router = self.router
@@ -217,7 +217,7 @@ class DataPlane:
             self.counters["tap_rx"] += 1
             packet = ip_slice(frame)
             if packet is not None:
-                router.from_lan(bytearray(packet))
+                router.from_lan(packet)
 
     async def _ticker(self) -> None:
         router = self.router

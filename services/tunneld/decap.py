@@ -92,8 +92,7 @@ class DecapInterface:
 
     def write(self, inner: bytes) -> None:
         """Hand one decrypted inner packet to the kernel (through the TC program)."""
-        header = self.header4 if inner[0] >> 4 == 4 else self.header6
-        os.write(self.fd, header + inner)
+        os.writev(self.fd, (self.header4 if inner[0] >> 4 == 4 else self.header6, inner))
 
     def close(self) -> None:
         """Close our fd; the persistent device stays."""

@@ -63,7 +63,7 @@ class Keypair:
         self._send_aead = ChaCha20Poly1305(self.send_key)
         self._receive_aead = ChaCha20Poly1305(self.receive_key)
 
-    def encrypt(self, plaintext: bytes) -> tuple[int, bytes]:
+    def encrypt(self, plaintext: bytes | bytearray | memoryview) -> tuple[int, bytes]:
         """Encrypt with the next counter; returns (counter, ciphertext with tag)."""
         counter = self.send_counter
         if counter >= REJECT_AFTER_MESSAGES:
@@ -71,7 +71,7 @@ class Keypair:
         self.send_counter = counter + 1
         return counter, self._send_aead.encrypt(nonce(counter), plaintext, None)
 
-    def decrypt(self, counter: int, ciphertext: bytes) -> bytes:
+    def decrypt(self, counter: int, ciphertext: bytes | memoryview) -> bytes:
         """Check the window, decrypt, then mark the counter (only once authenticated)."""
         self.replay.check(counter)
         try:

@@ -16,6 +16,7 @@ keeps decrypting packets still in flight until it expires.
 
 from __future__ import annotations
 
+import struct
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,7 +26,13 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from vpnr.tunneld import errors, messages
-from vpnr.tunneld.constants import AEAD_TAG_SIZE, DATA_HEADER_SIZE, MAX_DATAGRAM_SIZE, Timers
+from vpnr.tunneld.constants import (
+    AEAD_TAG_SIZE,
+    DATA_HEADER_SIZE,
+    MAX_DATAGRAM_SIZE,
+    MESSAGE_DATA,
+    Timers,
+)
 from vpnr.tunneld.errors import LocalProtocolError, RemoteProtocolError
 from vpnr.tunneld.handshake import (
     InitiatorHandshake,
@@ -36,6 +43,7 @@ from vpnr.tunneld.handshake import (
 )
 
 MAX_INNER_SIZE = MAX_DATAGRAM_SIZE - DATA_HEADER_SIZE - AEAD_TAG_SIZE
+_DATA_HEADER = struct.Struct("<IIQ")  # type + 3 reserved bytes as one u32, receiver, counter
 _MAX_RESPONDERS = 2  # half-done handshakes kept per peer; an initiator's retry replaces them
 
 
@@ -155,6 +163,11 @@ class PeerSession:
             self._expired_keepalive(now)
         if self._persistent_keepalive_at is not None and now >= self._persistent_keepalive_at:
             self._expired_persistent_keepalive(now)
+
+    @property
+    def has_output(self) -> bool:
+        """Datagrams or events wait to be collected."""
+        return bool(self._datagrams or self._events)
 
     @property
     def handshaking(self) -> bool:
@@ -282,10 +295,47 @@ class PeerSession:
         self._cookie = message.cookie  # used by the next retry, not at once: no amplification
 
     def _receive_data(self, message: messages.Data, now: float) -> None:
-        keypair = self._keypair_by_index(message.receiver_index)
+        inner = self._open(message.receiver_index, message.counter, message.ciphertext, now)
+        if inner:
+            self._events.append(DataReceived(inner))
+
+    def open_data(self, datagram: bytes, now: float) -> bytes:
+        """The data fast path: decrypt one data message and return its inner packet
+        (empty for a keepalive) instead of queuing a DataReceived event. A refused message
+        is counted in :attr:`drops` and gives empty bytes."""
+        if len(datagram) < DATA_HEADER_SIZE + AEAD_TAG_SIZE:
+            self.drops[errors.SHORT] += 1
+            return b""
+        kind, receiver, counter = _DATA_HEADER.unpack_from(datagram)
+        if kind != MESSAGE_DATA:  # type byte and the three reserved zero bytes
+            self.drops[errors.BAD_RESERVED] += 1
+            return b""
+        try:
+            return self._open(receiver, counter, memoryview(datagram)[DATA_HEADER_SIZE:], now)
+        except RemoteProtocolError as exc:
+            self.drops[exc.reason] += 1
+            return b""
+
+    def seal(self, inner: bytes | bytearray | memoryview, now: float) -> bytes | None:
+        """The send fast path: the data message for ``inner``, or None when no keypair may
+        send (then :meth:`send` queues it and starts a handshake)."""
+        if self.revoked:
+            return None
+        keypair = self._sending_keypair(now)
+        if keypair is None:
+            return None
+        counter, ciphertext = keypair.encrypt(inner)
+        self._timers_data_sent(now)
+        if self._needs_rekey(keypair, now):
+            self.initiate(now)
+        return messages.data_header(keypair.remote_index, counter) + ciphertext
+
+    def _open(self, index: int, counter: int, ciphertext: bytes | memoryview,
+              now: float) -> bytes:
+        keypair = self._keypair_by_index(index)
         if now - keypair.created_at >= self.timers.reject_after_time:
-            raise RemoteProtocolError(errors.KEY_EXPIRED, str(message.receiver_index))
-        inner = keypair.decrypt(message.counter, message.ciphertext)
+            raise RemoteProtocolError(errors.KEY_EXPIRED, str(index))
+        inner = keypair.decrypt(counter, ciphertext)
         if keypair is self.next:
             self.next = None
             self._initiator = None
@@ -294,13 +344,13 @@ class PeerSession:
             self._install(keypair, now)
             self._flush_queue(keypair, now)
         if inner:
-            self._events.append(DataReceived(inner))
             self._timers_data_received(now)
         current = self.current
         if current is not None and current.initiator and self._initiator is None and \
                 now - current.created_at >= self.timers.reject_after_time - \
                 self.timers.keepalive_timeout - self.timers.rekey_timeout:
             self.initiate(now)  # wireguard-go receive.go: rekey before the peer must reject
+        return inner
 
     # --- Keypairs -------------------------------------------------------------------------
 

@@ -247,6 +247,8 @@ class XskSocket:
     def recv(self, max_frames: int = 256) -> list[bytes]:
         """Up to ``max_frames`` received frames, copied out; their UMEM frames go straight
         back to the fill ring. Never blocks: ``[]`` when the RX ring is empty."""
+        if self._closed:
+            raise XskError(errno.EBADF, "recv on a closed AF_XDP socket")
         rx = self._rx
         cons = rx.consumer[0]
         n = min((rx.producer[0] - cons) & 0xFFFFFFFF, max_frames)
@@ -258,7 +260,7 @@ class XskSocket:
         fillq, fmask = fill.q, fill.mask
         chunk = self._chunk_mask
         fprod = fill.producer[0]
-        frames = []
+        frames: list[bytes] = []
         append = frames.append
         for k in range(n):
             slot = (cons + k) & rmask
@@ -277,6 +279,8 @@ class XskSocket:
         after a bounded number of kicks go out with the next call; ``send([])`` only kicks
         and reaps the completion ring. Raises ValueError, queuing nothing, for an empty frame
         or one longer than ``frame_size``."""
+        if self._closed:
+            raise XskError(errno.EBADF, "send on a closed AF_XDP socket")
         size = self.frame_size
         for frame in frames:
             if not 0 < len(frame) <= size:
