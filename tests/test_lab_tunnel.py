@@ -7,6 +7,9 @@ The underlay bridge (namespace ``<lab>-ul``) is where a capture sees what leaves
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -20,15 +23,27 @@ from pathlib import Path
 import grpc
 import pytest
 
+from conftest import unique
 from vpnr.core import netns
 from vpnr.core.client import socket_target
 from vpnr.lab.lab import Lab
 from vpnr.lab.topology import IDP_ADDRESS, Site
-from vpnr.v1 import audit_pb2, audit_pb2_grpc, codes_pb2, common_pb2, tunnel_pb2, tunnel_pb2_grpc
+from vpnr.tunneld.keys import StaticKeys
+from vpnr.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    codes_pb2,
+    common_pb2,
+    policy_pb2,
+    policy_pb2_grpc,
+    tunnel_pb2,
+    tunnel_pb2_grpc,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 
 NETPROBE = str(Path(__file__).with_name("netprobe.py"))
+MINIPEER = str(Path(__file__).with_name("minipeer.py"))
 TUNNEL_PORT = 51820
 
 
@@ -101,8 +116,9 @@ class Capture:
     def __init__(self, lab: Lab, path: Path) -> None:
         self.path = path
         self.proc = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{lab.spec.underlay_ns}", "tcpdump", "-Z", "root", "--immediate-mode", "-i", "p-a",
-             "-U", "-n", "-s", "0", "-w", str(path), "ip or ip6"],
+            ["nsenter", f"--net=/run/netns/{lab.spec.underlay_ns}", "tcpdump", "-Z", "root",
+             "--immediate-mode", "-i", "p-a", "-U", "-n", "-s", "0", "-w", str(path),
+             "ip or ip6"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         assert self.proc.stderr is not None
         line = self.proc.stderr.readline()  # "tcpdump: listening on br0 ..."
@@ -255,3 +271,143 @@ def test_role_denied_inner_traffic_is_dropped_by_decap_and_audited(echo: Lab) ->
     assert packet.src_zone == codes_pb2.ZONE_VPN
     assert packet.interface == "vpnr0"
     assert list(packet.roles) == ["eng"]
+
+
+def test_rekeying_every_second_loses_no_tcp_segment(echo: Lab) -> None:
+    a, b = echo.spec.sites
+    before = status(echo, "a").handshakes_completed
+    server = subprocess.Popen(["nsenter", f"--net=/run/netns/{b.host_ns(1)}", "iperf3", "-s",
+                               "-1", "-B", b.host_v4(1), "-p", "5301"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        client = subprocess.Popen(["nsenter", f"--net=/run/netns/{a.host_ns(1)}", "iperf3",
+                                   "-c", b.host_v4(1), "-p", "5301", "-t", "8", "-b", "50M",
+                                   "-J"], stdout=subprocess.PIPE, text=True)
+        rekeys = 0
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline and client.poll() is None:
+            time.sleep(1.0)
+            # Make-before-break rekeys from both ends, alternately.
+            tunnel(echo, "ab"[rekeys % 2], "RotateSession",
+                   tunnel_pb2.RotateSessionRequest(peer=f"site-{'ba'[rekeys % 2]}"))
+            rekeys += 1
+        out, _ = client.communicate(timeout=30)
+    finally:
+        server.kill()
+        server.wait(10)
+    report = json.loads(out)
+    sent = report["end"]["sum_sent"]
+    assert rekeys >= 6
+    assert status(echo, "a").handshakes_completed - before >= rekeys
+    assert sent["bytes"] > 20_000_000  # the stream really ran: ~50 Mbit/s for 8 s
+    assert sent["retransmits"] == 0
+
+
+def test_tunneld_kill9_leaks_nothing_and_traffic_resumes(echo: Lab, tmp_path: Path) -> None:
+    a, b = echo.spec.sites
+    marker = b"KILL9-MARKER-" + os.urandom(6).hex().encode()
+    capture = Capture(echo, tmp_path / "kill9.pcap")
+    replies: list[float] = []
+    try:
+        with netns.entered(a.host_ns(1)), \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+
+            def pump(seconds: float) -> None:
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    sock.sendto(marker, (b.host_v4(1), 53))
+                    time.sleep(0.01)
+                    try:
+                        while sock.recv(256) == marker:
+                            replies.append(time.monotonic())
+                    except BlockingIOError:
+                        pass
+
+            pump(0.5)
+            assert replies, "no echo before the kill"
+            echo.signal_daemon(a, "tunneld", signal.SIGKILL)
+            entry = echo.process(f"{a.instance}/tunneld")
+            assert entry is not None and echo.wait_exit(entry, 5)
+            replies.clear()
+            pump(1.0)  # tunneld is dead: XDP must drop what goes to the VPN zone
+            assert not replies
+            start = time.monotonic()
+            echo.start_daemon(a, "tunneld")
+            echo.wait_ready(a, "tunneld")
+            ready = time.monotonic()
+            pump(3.0)
+    finally:
+        frames = capture.stop()
+    assert replies, "traffic did not resume"
+    print(f"\ntunneld restart: SERVING after {ready - start:.2f} s, traffic back "
+          f"{replies[0] - ready:.2f} s after that ({replies[0] - start:.2f} s after exec)")
+    assert replies[0] - ready < 1.0
+    assert not any(marker in f for f in frames)  # never in clear on the underlay
+    # Down time: the kernel counted the drops (fail closed, not a silent route elsewhere).
+    denied = audit_query(echo, "a", reason=codes_pb2.REASON_TUNNEL_NO_SOCKET)
+    assert any(r.packet.src == a.host_v4(1) for r in denied)
+
+
+def policy(lab: Lab, letter: str, call: str, request: object) -> object:
+    """One PolicyService call to a site's policyd."""
+    path = lab.spec.run_dir / lab.spec.site(letter).instance / "policyd.sock"
+    with grpc.insecure_channel(socket_target(path)) as channel:
+        return getattr(policy_pb2_grpc.PolicyServiceStub(channel), call)(request, timeout=10)
+
+
+def test_ten_peers_have_concurrent_sessions(echo: Lab, tmp_path: Path) -> None:
+    a = echo.spec.site("a")
+    names = [unique(f"p{n}") for n in range(10)]
+    router_pub = status(echo, "a").public_key
+    procs: list[subprocess.Popen[str]] = []
+    created: list[str] = []
+    try:
+        # Site A learns of ten more sites: 10.100.N.0/24 behind peer N, in the VPN zone, and
+        # their people are engineers (so site A's rules let their pings in and out).
+        policy(echo, "a", "CreateZone", policy_pb2.CreateZoneRequest(zone=policy_pb2.ZoneAssignment(
+            prefix="10.100.0.0/16", zone=codes_pb2.ZONE_VPN)))
+        policy(echo, "a", "CreateBinding", policy_pb2.CreateBindingRequest(
+            binding=policy_pb2.Binding(prefix="10.100.0.0/16", roles=["eng"], source="test",
+                                       subject="ten-peers")))
+        for n, ns in enumerate(names):
+            subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
+            created.append(ns)
+            subprocess.run(["ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer",
+                            "name", f"q{n}", "netns", echo.spec.underlay_ns], check=True,
+                           timeout=10)
+            in_ns(echo.spec.underlay_ns, "ip", "link", "set", f"q{n}", "master", "br0", "up")
+            in_ns(ns, "ip", "addr", "add", f"198.51.100.{20 + n}/24", "dev", "eth0")
+            in_ns(ns, "ip", "link", "set", "eth0", "up")
+            key = StaticKeys.load_or_create(tmp_path / f"peer{n}.key")
+            tunnel(echo, "a", "AddPeer", tunnel_pb2.AddPeerRequest(peer=tunnel_pb2.Peer(
+                name=f"extra-{n}", public_key=base64.b64encode(key.public).decode(),
+                endpoint=f"198.51.100.{20 + n}:51820",
+                allowed_prefixes=[f"10.100.{n}.0/24"])))
+        for n, ns in enumerate(names):
+            procs.append(subprocess.Popen(
+                ["nsenter", f"--net=/run/netns/{ns}", sys.executable, MINIPEER,
+                 str(tmp_path / f"peer{n}.key"), router_pub, f"{a.router_wan_v4}:51820",
+                 f"10.100.{n}.1", a.host_v4(1), "5"], stdout=subprocess.PIPE, text=True))
+        results = [p.communicate(timeout=30)[0].strip() for p in procs]
+        assert results == ["OK 5"] * 10
+        peers = tunnel(echo, "a", "ListPeers", tunnel_pb2.ListPeersRequest())
+        states = {p.name: p.state for p in peers.peers}  # type: ignore[attr-defined]
+        assert all(states[f"extra-{n}"] == tunnel_pb2.PEER_STATE_ESTABLISHED
+                   for n in range(10))
+        assert status(echo, "a").sessions == 11  # ten extra peers and site B
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        for n in range(10):
+            with contextlib.suppress(grpc.RpcError):
+                tunnel(echo, "a", "RemovePeer", tunnel_pb2.RemovePeerRequest(name=f"extra-{n}"))
+        with contextlib.suppress(grpc.RpcError):
+            policy(echo, "a", "DeleteBinding", policy_pb2.DeleteBindingRequest(
+                prefix="10.100.0.0/16"))
+        with contextlib.suppress(grpc.RpcError):
+            policy(echo, "a", "DeleteZone", policy_pb2.DeleteZoneRequest(prefix="10.100.0.0/16"))
+        for ns in created:
+            subprocess.run(["ip", "netns", "del", ns], check=False, timeout=10)
