@@ -115,15 +115,17 @@ class Lab:
                 self._configure_router(site, keys[other.letter])
                 # tunneld and auditd open policyd's pinned maps: policyd comes first.
                 self.start_daemon(site, "policyd")
+            # The policy before the rest: wan0 is enforced too, and idpd's first request to
+            # the IdP needs the underlay's answers let in.
             for site in self.spec.sites:
                 self.wait_ready(site, "policyd")
+                self.install_policy(site)
+            for site in self.spec.sites:
                 for daemon in DAEMONS[1:]:
                     self.start_daemon(site, daemon)
             for site in self.spec.sites:
                 for daemon in DAEMONS[1:]:
                     self.wait_ready(site, daemon)
-            for site in self.spec.sites:
-                self.install_policy(site)
         except BaseException:
             self.down()
             raise

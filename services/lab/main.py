@@ -23,6 +23,8 @@ from vpnr.v1 import (
     idp_pb2_grpc,
     policy_pb2,
     policy_pb2_grpc,
+    tunnel_pb2,
+    tunnel_pb2_grpc,
 )
 from vpnr.vpnctl.audit_view import record_line
 
@@ -30,10 +32,10 @@ ICMP = 1
 # A TCP connection attempt to port 22 that reports what came back within a second.
 SSH_ATTEMPT = """import socket, sys
 try:
-    socket.create_connection((sys.argv[1], 22), timeout=1).close()
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1).close()
     print("answered")
 except ConnectionRefusedError:
-    print("refused by the router (reached it)")
+    print("refused by " + sys.argv[3] + " (reached it)")
 except OSError:
     print("got no answer (dropped)")
 """
@@ -135,6 +137,7 @@ def demo(lab: Lab) -> int:
         else:
             print(f"   idpd: issuer {idp.issuer}, discovery "
                   f"{'ok' if idp.discovery_ok else 'FAILED: ' + idp.discovery_error}")
+    show_tunnel(lab)
     print(f"\nInspect: vpnctl --instance {spec.sites[0].instance} status | "
           f"vpnctl --instance {spec.sites[0].instance} audit events --verdict deny | "
           f"Tear down: vpnr-lab down --name {spec.name}")
@@ -167,7 +170,7 @@ def show_traffic(lab: Lab, site: Site) -> None:
                 src=site.host_v4(n), dst=site.router_lan_v4, protocol=codes_pb2.PROTOCOL_TCP,
                 dst_port=22, interface="lan0"), timeout=5)
             attempt = lab.host_run(site, n, sys.executable, "-c", SSH_ATTEMPT,
-                                   site.router_lan_v4)
+                                   site.router_lan_v4, "22", "the router")
             print(f"   ssh  {who} -> router: real SYN {attempt.stdout.strip() or '?'} | "
                   f"kernel: {ssh.explanation}")
         after = stub.Status(policy_pb2.PolicyStatusRequest(), timeout=5)
@@ -176,6 +179,36 @@ def show_traffic(lab: Lab, site: Site) -> None:
           f"(lost: {after.audit_lost_reserve} ring full, "
           f"{after.audit_lost_rate_limit} rate-limited)")
     show_audit(audit_path, first, emitted)
+
+
+def show_tunnel(lab: Lab) -> None:
+    """Site A's engineer to site B's over the tunnel: ping, and telnet that site B's own
+    rules refuse at the decap program."""
+    spec = lab.spec
+    a, b = spec.sites
+    print(f"\n== tunnel {a.instance} <-> {b.instance} (Noise XX, ChaCha20-Poly1305, AF_XDP)")
+    for site in (a, b):
+        with grpc.insecure_channel(socket_target(spec.run_dir / site.instance
+                                                 / "tunneld.sock")) as channel:
+            st = tunnel_pb2_grpc.TunnelServiceStub(channel).Status(
+                tunnel_pb2.TunnelStatusRequest(), timeout=5)
+        print(f"   {site.instance}: key {st.public_key[:12]}..., {st.sessions} session(s), "
+              f"inner MTU {st.inner_mtu}, decap {st.decap_interface} (TC program "
+              f"{st.decap_program_id}), mode {st.datapath_mode}")
+    audit_path = spec.run_dir / b.instance / "auditd.sock"
+    with grpc.insecure_channel(socket_target(audit_path)) as channel:
+        first = audit_pb2_grpc.AuditServiceStub(channel).Status(
+            audit_pb2.AuditStatusRequest(), timeout=5).last_id
+    ping = lab.host_run(a, 1, "ping", "-c", "3", "-i", "0.2", "-W", "1", "-q", b.host_v4(1))
+    received = re.search(r"(\d+) received", ping.stdout)
+    print(f"   ping host1 {a.host_v4(1)} (eng, site A) -> host1 {b.host_v4(1)} (site B): "
+          f"{received.group(1) if received else '?'}/3 answered through the tunnel")
+    attempt = lab.host_run(a, 1, sys.executable, "-c", SSH_ATTEMPT, b.host_v4(1), "23",
+                           "the host")
+    print(f"   telnet host1 site A -> host1 site B: SYN {attempt.stdout.strip() or '?'} "
+          "(site B's rule 25: no telnet into this site)")
+    print(f"   site B {b.instance}:")
+    show_audit(audit_path, first, 1)
 
 
 def show_audit(path: Path, after_id: int, expected: int) -> None:
