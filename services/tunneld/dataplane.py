@@ -39,6 +39,13 @@ BATCH = 256  # packets handled per readiness callback before the loop gets a tur
 SOCKET_BUFFER = 8 << 20
 TICK_SECONDS = 0.05
 _U32 = struct.Struct("=I")
+# UDP segmentation offload (Linux 4.18): one sendmsg carries up to 64 equal-size datagrams
+# (the last may be shorter); the kernel cuts them apart. One syscall per run of a batch.
+SOL_UDP, UDP_SEGMENT, UDP_GRO = 17, 103, 104
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65000
+_U16 = struct.Struct("=H")
+_CMSG_SPACE = socket.CMSG_SPACE(4)
 
 
 class KernelSessions:
@@ -115,9 +122,12 @@ class DataPlane:
         self.xsks: dict[str, XskSocket] = {}
         self.raw4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         self.raw6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
-        self.counters = {"udp_rx": 0, "udp_tx": 0, "xsk_rx": 0, "tap_rx": 0, "decap_tx": 0,
-                         "lan_not_ip": 0}
+        self.counters = {"udp_rx": 0, "udp_tx": 0, "udp_tx_calls": 0, "xsk_rx": 0,
+                         "tap_rx": 0, "decap_tx": 0, "lan_not_ip": 0}
         self._tick: asyncio.Task[None] | None = None
+        self._outbox: list[tuple[bytes, Address]] = []
+        self._batching = False
+        self.gso = True
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -127,6 +137,9 @@ class DataPlane:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         sock.setblocking(False)
+        # Receive side of the same offload: the kernel may hand us several datagrams of
+        # one flow in one read, with their size in a control message.
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
         try:
             sock.bind((address, port))
         except OSError as exc:
@@ -177,32 +190,59 @@ class DataPlane:
     # -- readers --------------------------------------------------------------------------
 
     def _on_udp(self) -> None:
+        self._batching = True
+        try:
+            self._drain_udp()
+        finally:
+            self._flush()
+
+    def _drain_udp(self) -> None:
         router, sock = self.router, self.udp
         assert router is not None and sock is not None
         for _ in range(BATCH):
             try:
-                datagram, source = sock.recvfrom(65536)
+                data, ancillary, _, source = sock.recvmsg(65536, _CMSG_SPACE)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
                 log.debug("udp receive error", extra={"errno": exc.errno})
                 continue
-            self.counters["udp_rx"] += 1
-            router.from_wire(datagram, source)
+            size = 0
+            for level, kind, value in ancillary:
+                if level == SOL_UDP and kind == UDP_GRO and len(value) >= 2:
+                    size = _U16.unpack_from(value)[0]
+            if not size or size >= len(data):
+                self.counters["udp_rx"] += 1
+                router.from_wire(data, source)
+                continue
+            for offset in range(0, len(data), size):  # coalesced: equal sizes, last shorter
+                self.counters["udp_rx"] += 1
+                router.from_wire(data[offset:offset + size], source)
 
     def _on_xsk(self, xsk: XskSocket) -> None:
         router = self.router
         assert router is not None
         frames = xsk.recv(BATCH)
         self.counters["xsk_rx"] += len(frames)
-        for frame in frames:
-            packet = ip_slice(frame)
-            if packet is None:
-                self.counters["lan_not_ip"] += 1
-                continue
-            router.from_lan(packet)
+        self._batching = True
+        try:
+            for frame in frames:
+                packet = ip_slice(frame)
+                if packet is None:
+                    self.counters["lan_not_ip"] += 1
+                    continue
+                router.from_lan(packet)
+        finally:
+            self._flush()
 
     def _on_tap(self) -> None:
+        self._batching = True
+        try:
+            self._drain_tap()
+        finally:
+            self._flush()
+
+    def _drain_tap(self) -> None:
         router = self.router
         assert router is not None
         for _ in range(BATCH):
@@ -224,16 +264,26 @@ class DataPlane:
         assert router is not None
         while True:
             await asyncio.sleep(TICK_SECONDS)
+            self._batching = True
             try:
                 router.tick()
             except Exception:  # a timer bug must not stop every later timer
                 log.exception("timer handling failed")
+            finally:
+                self._flush()
 
     # -- Outputs --------------------------------------------------------------------------
 
     def send_datagram(self, datagram: bytes, endpoint: Address) -> bool:
-        """Send one tunnel message."""
+        """Send one tunnel message (queued to the end of the batch being handled)."""
+        if self._batching:
+            self._outbox.append((datagram, endpoint))
+            return True
+        return self._sendto(datagram, endpoint)
+
+    def _sendto(self, datagram: bytes, endpoint: Address) -> bool:
         assert self.udp is not None
+        self.counters["udp_tx_calls"] += 1
         try:
             self.udp.sendto(datagram, endpoint)
         except (BlockingIOError, InterruptedError):
@@ -242,6 +292,48 @@ class DataPlane:
             log.debug("udp send error", extra={"errno": exc.errno, "to": endpoint[0]})
             return False
         self.counters["udp_tx"] += 1
+        return True
+
+    def _flush(self) -> None:
+        """Send the batch's datagrams in order: runs of equal size to one endpoint go as
+        one segmented send."""
+        self._batching = False
+        out, self._outbox = self._outbox, []
+        i, n = 0, len(out)
+        while i < n:
+            first, endpoint = out[i]
+            size = len(first)
+            j, total = i + 1, size
+            if self.gso:
+                while (j < n and j - i < GSO_MAX_SEGMENTS and out[j][1] == endpoint
+                       and len(out[j][0]) <= size and total + len(out[j][0]) <= GSO_MAX_BYTES):
+                    total += len(out[j][0])
+                    j += 1
+                    if len(out[j - 1][0]) < size:
+                        break  # only the last segment may be shorter
+            if j - i == 1:
+                self._sendto(first, endpoint)
+            elif not self._send_segmented([d for d, _ in out[i:j]], size, endpoint):
+                for datagram, _ in out[i:j]:
+                    self._sendto(datagram, endpoint)
+            i = j
+
+    def _send_segmented(self, datagrams: list[bytes], size: int, endpoint: Address) -> bool:
+        assert self.udp is not None
+        self.counters["udp_tx_calls"] += 1
+        try:
+            self.udp.sendmsg(datagrams, [(SOL_UDP, UDP_SEGMENT, _U16.pack(size))], 0, endpoint)
+        except (BlockingIOError, InterruptedError):
+            return True  # the socket buffer is full: dropped, as one sendto would be
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.EIO, errno.EOPNOTSUPP):
+                log.warning("UDP segmentation offload refused; sending one by one",
+                            extra={"errno": exc.errno})
+                self.gso = False
+                return False
+            log.debug("udp send error", extra={"errno": exc.errno, "to": endpoint[0]})
+            return True
+        self.counters["udp_tx"] += len(datagrams)
         return True
 
     def deliver(self, inner: bytes) -> None:
