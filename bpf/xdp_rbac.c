@@ -298,6 +298,7 @@ int tc_decap(struct __sk_buff *skb)
 		return vpnr_tc_finish(skb, 0, &d, &pkt);
 	}
 	d.active = vpnr_active_word();
+	pkt.len = skb->len; /* a merged (GSO) packet has only its headers in the linear part */
 	malformed = vpnr_parse(data, data_end, &pkt);
 	if (malformed) {
 		d.verdict = VPNR_VERDICT_DENY;

@@ -110,7 +110,7 @@ static __always_inline int vpnr_parse_ipv4(void *data, void *data_end, __u32 off
 	if ((void *)ip4 + hlen > data_end)
 		return VPNR_REASON_MALFORMED_L3;
 	/* The IP length must cover the header and fit the frame (Ethernet may pad past it). */
-	if (bpf_ntohs(ip4->tot_len) < hlen || (void *)ip4 + bpf_ntohs(ip4->tot_len) > data_end)
+	if (bpf_ntohs(ip4->tot_len) < hlen || off + bpf_ntohs(ip4->tot_len) > pkt->len)
 		return VPNR_REASON_MALFORMED_L3;
 	pkt->ip_version = 4;
 	pkt->ip_protocol = ip4->protocol;
@@ -141,7 +141,7 @@ static __always_inline int vpnr_parse_ipv6(void *data, void *data_end, __u32 off
 		return VPNR_REASON_MALFORMED_L3;
 	if (ip6->version != 6)
 		return VPNR_REASON_MALFORMED_L3;
-	if ((void *)(ip6 + 1) + bpf_ntohs(ip6->payload_len) > data_end)
+	if (off + sizeof(*ip6) + bpf_ntohs(ip6->payload_len) > pkt->len)
 		return VPNR_REASON_MALFORMED_L3;
 	pkt->ip_version = 6;
 	pkt->hop_limit = ip6->hop_limit;
@@ -190,13 +190,17 @@ static __always_inline int vpnr_parse_ipv6(void *data, void *data_end, __u32 off
 	return vpnr_parse_l4(data, data_end, off, pkt);
 }
 
-/* Returns 0 and fills pkt, or a VPNR_REASON_MALFORMED_* / IPV6_EXT_LIMIT code. */
+/* Returns 0 and fills pkt, or a VPNR_REASON_MALFORMED_* / IPV6_EXT_LIMIT code.
+ * pkt->len may be preset to the whole packet's length when only its head is linear (a
+ * GSO packet on the TC hook): headers are read within data_end, lengths checked against
+ * pkt->len. Left 0 (XDP: the frame is all there), it is the frame's length. */
 static __always_inline int vpnr_parse(void *data, void *data_end, struct vpnr_packet *pkt)
 {
 	struct ethhdr *eth = data;
 	__u32 off = sizeof(*eth);
 
-	pkt->len = (__u32)(data_end - data);
+	if (!pkt->len)
+		pkt->len = (__u32)(data_end - data);
 	if ((void *)(eth + 1) > data_end)
 		return VPNR_REASON_MALFORMED_L2;
 	pkt->ethertype = bpf_ntohs(eth->h_proto);

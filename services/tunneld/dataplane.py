@@ -28,6 +28,7 @@ from pathlib import Path
 from vpnr.core import bpfsys
 from vpnr.core.auditrec import AuditRecorder
 from vpnr.policyd import layout
+from vpnr.tunneld.coalesce import VNET_HDR
 from vpnr.tunneld.decap import DecapInterface
 from vpnr.tunneld.router import Address, TunnelRouter
 from vpnr.tunneld.xsk import XskSocket
@@ -123,9 +124,10 @@ class DataPlane:
         self.raw4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         self.raw6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
         self.counters = {"udp_rx": 0, "udp_tx": 0, "udp_tx_calls": 0, "xsk_rx": 0,
-                         "tap_rx": 0, "decap_tx": 0, "lan_not_ip": 0}
+                         "tap_rx": 0, "decap_tx": 0, "decap_writes": 0, "lan_not_ip": 0}
         self._tick: asyncio.Task[None] | None = None
         self._outbox: list[tuple[bytes, Address]] = []
+        self._inbound: list[bytes] = []
         self._batching = False
         self.gso = True
 
@@ -255,7 +257,7 @@ class DataPlane:
                     return
                 raise
             self.counters["tap_rx"] += 1
-            packet = ip_slice(frame)
+            packet = ip_slice(frame[VNET_HDR.size:])
             if packet is not None:
                 router.from_lan(packet)
 
@@ -298,6 +300,9 @@ class DataPlane:
         """Send the batch's datagrams in order: runs of equal size to one endpoint go as
         one segmented send."""
         self._batching = False
+        if self._inbound:
+            inbound, self._inbound = self._inbound, []
+            self.counters["decap_writes"] += self.decap.write_batch(inbound)
         out, self._outbox = self._outbox, []
         i, n = 0, len(out)
         while i < n:
@@ -337,12 +342,13 @@ class DataPlane:
         return True
 
     def deliver(self, inner: bytes) -> None:
-        """Into the kernel through the TAP (and its TC program)."""
-        try:
-            self.decap.write(inner)
-        except (BlockingIOError, InterruptedError):
-            return
+        """Into the kernel through the TAP (and its TC program); batched like sends."""
         self.counters["decap_tx"] += 1
+        if self._batching:
+            self._inbound.append(inner)
+            return
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            self.decap.write(inner)
 
     def send_icmp(self, packet: bytes, ipv6: bool) -> None:
         """An ICMP error to a LAN host, as the router."""

@@ -223,6 +223,8 @@ class Tunneld(DaemonApp):
         """Packet counters of the sockets and the AF_XDP rings."""
         assert self.dataplane is not None
         counters = dict(self.dataplane.counters)
+        for name, count in self.dataplane.decap.write_errors.items():
+            counters[f"decap_write_error_{name}"] = count
         for name, xsk in self.dataplane.xsks.items():
             for key, value in xsk.stats().items():
                 counters[f"xsk_{name}_{key}"] = value
