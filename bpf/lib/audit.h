@@ -4,11 +4,10 @@
 #define VPNR_AUDIT_H
 
 #include "audit_event.h"
+#include "bucket.h"
 #include "maps.h"
 #include "parse.h"
 #include "policy.h"
-
-#define VPNR_NS_PER_SEC 1000000000ULL
 
 static __always_inline struct vpnr_audit_event *vpnr_audit_reserve(void);
 static __always_inline void vpnr_audit_submit(struct vpnr_audit_event *event);
@@ -29,27 +28,11 @@ static __always_inline int vpnr_audit_admit(const struct vpnr_config *cfg, __u32
 					    __u64 now)
 {
 	struct vpnr_audit_bucket *bucket = vpnr_audit_bucket_get(role);
-	__u64 cap = cfg->audit_burst * VPNR_NS_PER_SEC;
-	__u64 tokens, elapsed;
 
 	if (!bucket)
 		return 0;
-	elapsed = now - bucket->last_ns;
-	/* Compare the gap with the time to fill the bucket before multiplying: a long gap
-	 * (or the first event, last_ns = 0) times the rate would overflow 64 bits. */
-	if (now < bucket->last_ns || elapsed >= cap / cfg->audit_rate)
-		tokens = cap;
-	else
-		tokens = bucket->tokens + elapsed * cfg->audit_rate;
-	if (tokens > cap)
-		tokens = cap;
-	bucket->last_ns = now;
-	if (tokens < VPNR_NS_PER_SEC) {
-		bucket->tokens = tokens;
-		return 0;
-	}
-	bucket->tokens = tokens - VPNR_NS_PER_SEC;
-	return 1;
+	return vpnr_bucket_take(&bucket->tokens, &bucket->last_ns, cfg->audit_burst,
+				cfg->audit_rate, now);
 }
 
 static __always_inline void vpnr_audit(const struct vpnr_config *cfg, __u32 ifindex,

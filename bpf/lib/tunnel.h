@@ -12,6 +12,7 @@
 #ifndef VPNR_TUNNEL_H
 #define VPNR_TUNNEL_H
 
+#include "bucket.h"
 #include "codes.h"
 #include "maps.h"
 #include "parse.h"
@@ -34,37 +35,21 @@ static __always_inline int vpnr_is_tunnel_msg(const struct vpnr_config *cfg, __u
 	       !(pkt->flags & VPNR_PKT_FRAGMENT);
 }
 
-/* Token bucket per source address: tokens in units of 1/1e9 message, like the audit one. */
+/* Token bucket per source address (a new source starts with a full bucket). */
 static __always_inline int vpnr_handshake_admit(const struct vpnr_tunnel_settings *ts,
 						const struct vpnr_packet *pkt)
 {
 	struct vpnr_hs_key key = {};
 	struct vpnr_hs_bucket init = {}, *bucket;
-	__u64 cap = (__u64)ts->handshake_burst * 1000000000ULL;
-	__u64 now = bpf_ktime_get_coarse_ns(), elapsed, tokens;
 
 	if (!ts->handshake_rate)
 		return 1;
 	__builtin_memcpy(key.addr, pkt->src, 16);
-	init.tokens = cap;
-	init.last_ns = now;
-	bucket = vpnr_hs_bucket_get(&key, &init);
+	bucket = vpnr_hs_bucket_get(&key, &init); /* last_ns 0: the first use fills it */
 	if (!bucket)
 		return 0; /* fail closed: a handshake can be retried, a flood cannot be let in */
-	elapsed = now - bucket->last_ns;
-	if (now < bucket->last_ns || elapsed >= cap / ts->handshake_rate)
-		tokens = cap;
-	else
-		tokens = bucket->tokens + elapsed * ts->handshake_rate;
-	if (tokens > cap)
-		tokens = cap;
-	bucket->last_ns = now;
-	if (tokens < 1000000000ULL) {
-		bucket->tokens = tokens;
-		return 0;
-	}
-	bucket->tokens = tokens - 1000000000ULL;
-	return 1;
+	return vpnr_bucket_take(&bucket->tokens, &bucket->last_ns, ts->handshake_burst,
+				ts->handshake_rate, bpf_ktime_get_coarse_ns());
 }
 
 /* 0: let it through to tunneld; else the drop reason. */
