@@ -292,7 +292,7 @@ class Lab:
         while time.monotonic() < deadline:
             if sock.exists() and is_serving(sock):
                 return
-            if entry is not None and not self.pid_alive(entry):
+            if entry is not None and _exited(int(entry["pid"])):
                 break
             time.sleep(0.05)
         log = site.log_dir / f"{daemon}.log"
@@ -332,3 +332,13 @@ class Lab:
                 removed.append(f"dir {path}")
         self.manifest = Manifest()
         return removed
+
+
+def _exited(pid: int) -> bool:
+    """The process is gone or a zombie. (Not pid_alive: between fork and exec a fresh
+    child's command line is still its parent's.)"""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
