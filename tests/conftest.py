@@ -195,3 +195,14 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         yield running
     finally:
         running.down()
+
+
+def ns_exec(ns: str, *argv: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    """Run a command in a lab namespace (network only: the host's bpffs stays visible)."""
+    return subprocess.run(["nsenter", f"--net=/run/netns/{ns}", *argv], capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def ns_ping(ns: str, dst: str, count: int = 1) -> bool:
+    """Do echo requests from namespace ``ns`` get answers?"""
+    return ns_exec(ns, "ping", "-c", str(count), "-i", "0.2", "-W", "1", dst).returncode == 0

@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from conftest import ns_exec, ns_ping
 from vpnr.core.client import socket_target
 from vpnr.lab.lab import Lab
 from vpnr.lab.topology import Site
@@ -31,8 +32,7 @@ NETPROBE = str(Path(__file__).with_name("netprobe.py"))
 
 def in_ns(ns: str, *argv: str, timeout: float = 20) -> str:
     """Run a command in a namespace (network only) and return its stdout."""
-    return subprocess.run(["nsenter", f"--net=/run/netns/{ns}", *argv], capture_output=True,
-                          text=True, timeout=timeout, check=False).stdout.strip()
+    return ns_exec(ns, *argv, timeout=timeout).stdout.strip()
 
 
 def probe(lab: Lab, site: Site, host: int, verb: str, port: int, dst: str = "") -> str:
@@ -43,9 +43,7 @@ def probe(lab: Lab, site: Site, host: int, verb: str, port: int, dst: str = "") 
 
 def ping(site: Site, host: int, dst: str) -> bool:
     """Does one echo request get an answer?"""
-    ns = f"--net=/run/netns/{site.host_ns(host)}"
-    return subprocess.run(["nsenter", ns, "ping", "-c", "1", "-W", "1", dst],
-                          capture_output=True, timeout=10, check=False).returncode == 0
+    return ns_ping(site.host_ns(host), dst)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from conftest import unique
+from conftest import ns_exec, ns_ping, unique
 from vpnr.core import netns
 from vpnr.core.client import socket_target
 from vpnr.lab.lab import Lab
@@ -47,22 +47,15 @@ MINIPEER = str(Path(__file__).with_name("minipeer.py"))
 TUNNEL_PORT = 51820
 
 
-def in_ns(ns: str, *argv: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    """Run a command in a namespace (network only)."""
-    return subprocess.run(["nsenter", f"--net=/run/netns/{ns}", *argv], capture_output=True,
-                          text=True, timeout=timeout, check=False)
-
-
 def probe(site: Site, host: int, verb: str, dst: str, port: int) -> str:
     """OK or FAIL for one exchange from a site host."""
-    return in_ns(site.host_ns(host), sys.executable, NETPROBE, verb, dst,
+    return ns_exec(site.host_ns(host), sys.executable, NETPROBE, verb, dst,
                  str(port)).stdout.strip()
 
 
 def ping(site: Site, host: int, dst: str, count: int = 1) -> bool:
     """Do echo requests get answers?"""
-    return in_ns(site.host_ns(host), "ping", "-c", str(count), "-i", "0.2", "-W", "1",
-                 dst).returncode == 0
+    return ns_ping(site.host_ns(host), dst, count)
 
 
 def tunnel(lab: Lab, letter: str, call: str, request: object) -> object:
@@ -377,9 +370,9 @@ def test_ten_peers_have_concurrent_sessions(echo: Lab, tmp_path: Path) -> None:
             subprocess.run(["ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer",
                             "name", f"q{n}", "netns", echo.spec.underlay_ns], check=True,
                            timeout=10)
-            in_ns(echo.spec.underlay_ns, "ip", "link", "set", f"q{n}", "master", "br0", "up")
-            in_ns(ns, "ip", "addr", "add", f"198.51.100.{20 + n}/24", "dev", "eth0")
-            in_ns(ns, "ip", "link", "set", "eth0", "up")
+            ns_exec(echo.spec.underlay_ns, "ip", "link", "set", f"q{n}", "master", "br0", "up")
+            ns_exec(ns, "ip", "addr", "add", f"198.51.100.{20 + n}/24", "dev", "eth0")
+            ns_exec(ns, "ip", "link", "set", "eth0", "up")
             key = StaticKeys.load_or_create(tmp_path / f"peer{n}.key")
             tunnel(echo, "a", "AddPeer", tunnel_pb2.AddPeerRequest(peer=tunnel_pb2.Peer(
                 name=f"extra-{n}", public_key=base64.b64encode(key.public).decode(),

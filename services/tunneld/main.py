@@ -46,6 +46,7 @@ class Tunneld(DaemonApp):
         self.store: PeerStore | None = None
         self.warnings: list[str] = []
         self.inner_mtu = 0
+        self.lan_names: list[str] = []
         self.audit = AuditRecorder(self.config.router.socket_path("auditd"))
 
     def _path(self, name: str) -> Path:
@@ -91,6 +92,7 @@ class Tunneld(DaemonApp):
             revoked = await self.store.revoked_keys()
         except PeerError as exc:
             raise StartupError(f"tunneld peers: {exc}") from exc
+        self.lan_names = self._lan_interfaces()
         await asyncio.to_thread(self._open_dataplane)
         assert self.dataplane is not None
         timers = Timers(rekey_after_time=cfg.rekey_after_seconds,
@@ -152,7 +154,7 @@ class Tunneld(DaemonApp):
         try:
             dataplane.open_udp(cfg.listen_port)
             with IPRoute() as ipr:
-                for name in self._lan_interfaces():
+                for name in self.lan_names:
                     found = ipr.link_lookup(ifname=name)
                     if not found:
                         raise StartupError(f"tunneld.lan_interfaces: {name!r} does not exist")
@@ -185,7 +187,7 @@ class Tunneld(DaemonApp):
         source."""
         v4 = v6 = b""
         with IPRoute() as ipr:
-            for name in self._lan_interfaces():
+            for name in self.lan_names:
                 found = ipr.link_lookup(ifname=name)
                 for addr in ipr.get_addr(index=found[0]) if found else []:
                     ip = ipaddress.ip_address(addr.get_attr("IFA_ADDRESS"))

@@ -270,7 +270,7 @@ class TunnelRouter:
         else:
             self.drops[INNER_MALFORMED] += 1
             return
-        peer = self._route_cache.get(dst) if dst in self._route_cache else self.route(dst)
+        peer = self.route(dst)
         if peer is None:
             self.drops[NO_ROUTE] += 1
             return
@@ -335,15 +335,10 @@ class TunnelRouter:
                 self._initiation(datagram, source)
             elif kind == MESSAGE_FINISH:
                 self._finish(datagram, source)
-            elif kind == MESSAGE_RESPONSE:
-                message = messages.parse_response(datagram)
-                peer = self._owner.get(message.receiver_index)
-                if peer is None:
-                    raise RemoteProtocolError(errors.UNKNOWN_INDEX)
-                self._from_peer(peer, datagram, source)
-            elif kind == MESSAGE_COOKIE_REPLY:
-                reply = messages.parse_cookie_reply(datagram)
-                peer = self._owner.get(reply.receiver_index)
+            elif kind in (MESSAGE_RESPONSE, MESSAGE_COOKIE_REPLY):
+                answer = messages.parse_response(datagram) if kind == MESSAGE_RESPONSE \
+                    else messages.parse_cookie_reply(datagram)
+                peer = self._owner.get(answer.receiver_index)
                 if peer is None:
                     raise RemoteProtocolError(errors.UNKNOWN_INDEX)
                 self._from_peer(peer, datagram, source)
