@@ -128,12 +128,13 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 @contextlib.contextmanager
 def running_idp(
-    tmp_path: Path, data: dict[str, Any], port: int | None = None
+    tmp_path: Path, data: dict[str, Any], port: int | None = None, keys: Path | None = None
 ) -> Iterator[RunningIdp]:
     """Start the lab IdP with ``data`` (users/clients) and stop it on exit.
 
     With ``port=None`` the server binds port 0 and reports the port it got,
-    so there is no race for a "free" port.
+    so there is no race for a "free" port.  ``keys`` is a private JWKS file
+    (see :func:`generate_keys`); without it the IdP makes a new key each start.
     """
     node = shutil.which("node")
     if node is None:
@@ -157,6 +158,8 @@ def running_idp(
         "--data",
         str(data_path),
     ]
+    if keys is not None:
+        argv += ["--keys", str(keys)]
     env = dict(os.environ)
     env["VPNR_IDP_ADMIN_TOKEN"] = admin_token  # kept out of argv (ps)
 
@@ -183,6 +186,16 @@ def running_idp(
         )
     finally:
         _stop(proc)
+
+
+def generate_keys(path: Path) -> Path:
+    """Write a private RS256 JWKS to ``path`` with the IdP's own ``--gen-keys``."""
+    node = shutil.which("node")
+    if node is None:
+        raise IdpError("node is not on PATH")
+    subprocess.run([node, str(SERVER_SCRIPT), "--gen-keys", str(path)], cwd=IDP_DIR,
+                   check=True, capture_output=True, timeout=60)
+    return path
 
 
 def _wait_ready(
