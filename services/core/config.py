@@ -23,6 +23,10 @@ DEFAULT_CONFIG = "/etc/vpnr/router.toml"
 _INSTANCE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,23}$")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _PEER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+_CLAIM_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
+_ROLE_RE = re.compile(r"^[a-z0-9][a-z0-9_.:-]{0,62}$")
+_ASYMMETRIC_JWS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256",
+                             "ES384", "ES512", "EdDSA"})
 _SYSLOG_RE = re.compile(r"^(unix:/\S+|(udp|tcp)://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):"
                         r"([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}"
                         r"|655[0-2][0-9]|6553[0-5]))$")
@@ -228,12 +232,68 @@ class AuditdConfig(MetricsConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
+class RoleMappingConfig:
+    """One rule turning an IdP claim value into policy roles."""
+
+    claim: str = doc("Claim (or SCIM attribute) holding the values: a string or a list of "
+                     "strings, e.g. groups.", "claimname", "groups")
+    match: Literal["exact", "prefix", "regex"] = doc(
+        "How value is compared with each claim value (regex: Python syntax, whole value).",
+        "", "exact")
+    value: str = doc("The claim value, prefix or regular expression.", "nonblank")
+    roles: tuple[str, ...] = doc("Roles given to an identity with a matching value.",
+                                 "rolenames")
+
+
+@dataclass(frozen=True, kw_only=True)
 class IdpdConfig(MetricsConfig):
     """idpd: OIDC identity provider sync."""
 
     issuer: str = doc("OIDC issuer URL; empty means no IdP configured.", "url?", "")
     client_id: str = doc("OAuth client id of this router at the IdP.", "", "")
+    client_secret_file: str = doc("File holding the client secret (mode 0600 or stricter); "
+                                  "relative paths are under the state directory; empty for a "
+                                  "public client.", "", "")
+    scopes: tuple[str, ...] = doc("Scopes asked for at user login.", "",
+                                  ("openid", "offline_access", "groups", "email", "profile"))
+    allowed_algorithms: tuple[str, ...] = doc(
+        "JWS algorithms accepted on ID and access tokens (asymmetric only).", "jwsalgs",
+        ("RS256", "PS256", "ES256", "EdDSA"))
+    redirect_uri: str = doc("Loopback redirect of the code + PKCE login (vpnctl listens on "
+                            "it); must be registered at the IdP.", "loopbackurl",
+                            "http://127.0.0.1:8765/callback")
     discovery_timeout_seconds: float = doc("Timeout for the discovery fetch.", "positive", 5.0)
+    http_timeout_seconds: float = doc("Timeout of each request to the IdP.", "positive", 10.0)
+    sync_interval_seconds: float = doc("Full sync period.", "positive", 300.0)
+    sync_jitter: float = doc("Share of the period by which each sync is randomly moved "
+                             "(0-0.5), so routers do not all call the IdP at once.", "share",
+                             0.1)
+    backoff_max_seconds: float = doc("Longest wait between retries after failed syncs "
+                                     "(doubling from 1 s).", "positive", 300.0)
+    refresh_margin_seconds: float = doc("Refresh a login's access token this long before it "
+                                        "expires.", "nonneg", 60.0)
+    max_delete_share: float = doc("A sync removing more than this share of the bindings is "
+                                  "held until confirmed (vpnctl idp sync --confirm).", "share",
+                                  0.3)
+    guard_min_bindings: int = doc("The deletion guard applies once at least this many "
+                                  "bindings are in force.", "nonneg", 10)
+    token_key_file: str = doc("AES-256 key encrypting refresh tokens at rest (created 0600 "
+                              "on first start); relative paths are under the state "
+                              "directory.", "path", "idpd/token.key")
+    database: str = doc("SQLite file of logins and the last good binding set; relative "
+                        "paths are under the state directory.", "path", "idpd/idpd.sqlite")
+    scim_base_url: str = doc("SCIM 2.0 base URL for directory sync (…/scim/v2); empty "
+                             "disables it.", "url?", "")
+    scim_scope: str = doc("Scope asked for with the client-credentials token for SCIM.", "",
+                          "scim:read")
+    scim_page_size: int = doc("Resources per SCIM page.", "positive", 500)
+    scim_address_attribute: str = doc(
+        "SCIM attribute holding a directory entry's addresses (extension URN, a colon, the "
+        "attribute).", "nonblank",
+        "urn:vpnr:params:scim:schemas:extension:device:2.0:User:ipAddresses")
+    role_mappings: tuple[RoleMappingConfig, ...] = doc(
+        "Claim value -> roles; an identity gets the union of every matching rule's roles.",
+        "", ())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -318,6 +378,29 @@ def _check(file: str, key: str, check: str, value: Any) -> None:
             fail("host:port")
     elif check == "url" and not re.match(r"^https?://[^\s/]+", value):
         fail("an http(s) URL")
+    elif check == "share" and not 0 <= value <= 1:
+        fail("a share between 0 and 1")
+    elif check == "nonblank" and not value.strip():
+        fail("a non-empty string")
+    elif check == "claimname" and not _CLAIM_RE.fullmatch(value):
+        fail("a claim name (letters, digits, _ . : -)")
+    elif check == "rolenames":
+        if not value:
+            fail("at least one role")
+        for role in value:
+            if not _ROLE_RE.fullmatch(role):
+                fail(f"role names like eng or db-admin ({role!r} is not one)")
+    elif check == "jwsalgs":
+        if not value:
+            fail("at least one algorithm")
+        for alg in value:
+            if alg not in _ASYMMETRIC_JWS:
+                fail("asymmetric JWS algorithms among " + ", ".join(sorted(_ASYMMETRIC_JWS))
+                     + f" ({alg!r} is not one: 'none' and shared-secret HS* are refused)")
+    elif check == "loopbackurl":
+        m = re.fullmatch(r"http://(127\.0\.0\.1|\[::1\]|localhost):(\d{1,5})(/\S*)", value)
+        if not m or not 1 <= int(m.group(2)) <= 65535:
+            fail("an http URL on 127.0.0.1, [::1] or localhost with a port and a path")
     elif check == "syslog" and not _SYSLOG_RE.fullmatch(value):
         fail("unix:/absolute/path, udp://host:port or tcp://host:port")
 
@@ -389,6 +472,15 @@ def _cross_checks(cfg: Config) -> None:
     for i, name in enumerate(peers):
         if peers.index(name) != i:
             raise ConfigError(file, f"tunneld.peers[{i}].name", f"peer {name!r} is listed twice")
+    for i, mapping in enumerate(cfg.idpd.role_mappings):
+        if mapping.match == "regex":
+            try:
+                re.compile(mapping.value)
+            except re.error as exc:
+                raise ConfigError(file, f"idpd.role_mappings[{i}].value",
+                                  f"not a valid regular expression: {exc}") from exc
+    if cfg.idpd.issuer and not cfg.idpd.client_id:
+        raise ConfigError(file, "idpd.client_id", "required when idpd.issuer is set")
     ports: dict[int, str] = {}
     for daemon in ("policyd", "tunneld", "auditd", "idpd"):
         port = getattr(cfg, daemon).metrics_port

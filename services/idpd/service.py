@@ -1,0 +1,265 @@
+"""IdpService: the gRPC face of idpd (thin: checks the request, calls the engine)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, NoReturn
+
+import grpc
+
+from vpnr.core.daemon import Context, unix_timestamp
+from vpnr.idpd.compile import Entry
+from vpnr.idpd.discovery import DiscoveryState, refresh
+from vpnr.idpd.logins import LoginError
+from vpnr.idpd.oauth import IdpRefused, IdpUnavailable
+from vpnr.idpd.store import LoginRecord
+from vpnr.idpd.tokens import TokenError
+from vpnr.v1 import common_pb2, idp_pb2, idp_pb2_grpc
+
+if TYPE_CHECKING:
+    from vpnr.idpd.main import Idpd
+
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+WAIT_MARGIN = 0.5  # answer this long before the caller's deadline
+
+
+async def _abort(context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
+    await context.abort(code, message)
+    raise AssertionError("unreachable")
+
+
+def login_message(login: LoginRecord) -> idp_pb2.Login:
+    """A login as the API shows it (never a token)."""
+    groups = login.claims.get("groups", [])
+    return idp_pb2.Login(
+        login_id=login.login_id, subject=login.subject, username=login.username,
+        address=login.address, groups=[g for g in groups if isinstance(g, str)],
+        roles=list(login.roles), state=login.state, flow=login.flow, error=login.error,
+        created_at=unix_timestamp(login.created_at),
+        refreshed_at=unix_timestamp(login.refreshed_at) if login.refreshed_at else None,
+        access_expires_at=(unix_timestamp(login.access_expires_at)
+                           if login.access_expires_at else None),
+        expires_at=(unix_timestamp(login.access_expires_at)
+                    if login.access_expires_at else None))
+
+
+def binding_message(entry: Entry) -> idp_pb2.IdpBinding:
+    """One compiled binding."""
+    return idp_pb2.IdpBinding(prefix=entry.prefix, roles=list(entry.roles),
+                              subject=entry.subject, origin=entry.origin,
+                              username=entry.username, groups=list(entry.groups))
+
+
+async def _page(context: Context, page: common_pb2.PageRequest, total: int
+                ) -> tuple[int, int, common_pb2.PageResponse]:
+    size = page.page_size or DEFAULT_PAGE
+    if size > MAX_PAGE:
+        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                     f"page.page_size: at most {MAX_PAGE}, got {size}")
+    offset = 0
+    if page.page_token:
+        if not page.page_token.isdigit():
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"page.page_token: not a token this server issued: {page.page_token!r}")
+        offset = int(page.page_token)
+    token = str(offset + size) if offset + size < total else ""
+    return offset, size, common_pb2.PageResponse(next_page_token=token, total_size=total)
+
+
+class IdpServicer(idp_pb2_grpc.IdpServiceServicer):
+    """The IdpService RPCs."""
+
+    def __init__(self, app: Idpd) -> None:
+        self.app = app
+
+    async def _configured(self, context: Context) -> None:
+        if not self.app.config.idpd.issuer:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                         "no IdP configured (idpd.issuer is empty)")
+
+    async def Status(self, request: idp_pb2.IdpStatusRequest,
+                     context: Context) -> idp_pb2.IdpStatus:
+        app = self.app
+        state = app.discovery
+        engine = app.engine
+        status = idp_pb2.IdpStatus(
+            daemon=app.runtime.daemon_info(), issuer=app.config.idpd.issuer,
+            discovery_ok=state.ok, discovery_error=state.error,
+            discovery_fetched_at=unix_timestamp(state.fetched_at),
+            discovered_endpoints=state.endpoints(), warnings=app.warnings())
+        if engine is None:
+            return status
+        sync = engine.state
+        status.bindings = len(engine.bound)
+        status.active_logins = sum(1 for x in engine.logins.values() if x.active)
+        status.directory_entries = len(engine.directory)
+        status.staleness_seconds = engine.staleness()
+        status.stale = engine.stale or not sync.last_good
+        status.consecutive_failures = sync.consecutive_failures
+        status.tokens_rejected = engine.tokens_rejected
+        status.policy_version = sync.policy_version
+        status.last_result.CopyFrom(sync.last_result)
+        for name, when in (("last_sync", sync.last_sync), ("last_good_sync", sync.last_good),
+                           ("next_sync", sync.next_sync)):
+            stamp = unix_timestamp(when) if when else None
+            if stamp is not None:
+                getattr(status, name).CopyFrom(stamp)
+        if engine.held is not None:
+            status.held_sync_id = engine.held.sync_id
+            status.held.CopyFrom(engine.held.result)
+        return status
+
+    async def GetConfig(self, request: idp_pb2.GetIdpConfigRequest,
+                        context: Context) -> idp_pb2.IdpConfig:
+        cfg = self.app.config.idpd
+        return idp_pb2.IdpConfig(
+            issuer=cfg.issuer, client_id=cfg.client_id,
+            client_secret_set=bool(self.app.client_secret), scopes=list(cfg.scopes),
+            scim_base_url=cfg.scim_base_url,
+            sync_interval_seconds=int(cfg.sync_interval_seconds),
+            max_delete_share=cfg.max_delete_share,
+            claim_mappings=self.app.mapper.describe(),
+            allowed_algorithms=list(cfg.allowed_algorithms))
+
+    async def TestConnection(self, request: idp_pb2.TestConnectionRequest,
+                             context: Context) -> idp_pb2.TestConnectionResponse:
+        await self._configured(context)
+        cfg = self.app.config.idpd
+        started = time.monotonic()
+        reply = idp_pb2.TestConnectionResponse()
+        probe = DiscoveryState()
+        await refresh(probe, cfg.issuer, cfg.discovery_timeout_seconds)
+        reply.discovery_ok = probe.ok
+        if not probe.ok:
+            reply.errors.append(f"discovery: {probe.error}")
+        else:
+            try:
+                validator = await self.app.fresh_validator(probe.document)
+                await validator.jwks.refresh()
+                reply.jwks_ok = bool(validator.jwks.kids)
+                if not reply.jwks_ok:
+                    reply.errors.append("jwks: the key set has no usable signing key")
+            except (TokenError, IdpUnavailable) as exc:
+                reply.errors.append(f"jwks: {exc}")
+            client = self.app.make_client(probe.document)
+            try:
+                token = await client.client_credentials(cfg.scim_scope if cfg.scim_base_url
+                                                        else "")
+                reply.token_ok = True
+                if cfg.scim_base_url:
+                    await client.get_json(cfg.scim_base_url.rstrip("/") + "/Users",
+                                          token.access_token, {"count": 1}, "SCIM /Users")
+                    reply.scim_ok = True
+            except (IdpUnavailable, IdpRefused) as exc:
+                reply.errors.append(f"{'scim' if reply.token_ok else 'token'}: {exc}")
+            finally:
+                await client.aclose()
+        reply.latency_seconds = time.monotonic() - started
+        return reply
+
+    async def SyncNow(self, request: idp_pb2.SyncNowRequest,
+                      context: Context) -> idp_pb2.SyncResult:
+        await self._configured(context)
+        assert self.app.engine is not None
+        return await self.app.engine.sync("on demand")
+
+    async def ConfirmSync(self, request: idp_pb2.ConfirmSyncRequest,
+                          context: Context) -> idp_pb2.SyncResult:
+        await self._configured(context)
+        assert self.app.engine is not None
+        if not request.held_sync_id:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         "held_sync_id: name the held sync (vpnctl idp status shows it)")
+        try:
+            return await self.app.engine.confirm(request.held_sync_id)
+        except LookupError as exc:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+
+    async def StartLogin(self, request: idp_pb2.StartLoginRequest,
+                         context: Context) -> idp_pb2.LoginChallenge:
+        await self._configured(context)
+        assert self.app.logins is not None
+        try:
+            login, pending = await self.app.logins.start(request.address, request.flow)
+        except LoginError as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except IdpUnavailable as exc:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, f"the IdP is unreachable: {exc}")
+        except IdpRefused as exc:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                         f"the IdP refused to start a login: {exc}")
+        reply = idp_pb2.LoginChallenge(login_id=login.login_id,
+                                       expires_at=unix_timestamp(pending.expires_at))
+        if pending.device is not None:
+            d = pending.device
+            reply.verification_uri = d.verification_uri
+            reply.verification_uri_complete = d.verification_uri_complete
+            reply.user_code = d.user_code
+            reply.interval_seconds = int(d.interval)
+        else:
+            reply.authorization_url = pending.url
+            reply.redirect_uri = self.app.config.idpd.redirect_uri
+        return reply
+
+    async def WaitLogin(self, request: idp_pb2.WaitLoginRequest,
+                        context: Context) -> idp_pb2.Login:
+        assert self.app.logins is not None
+        remaining = context.time_remaining()
+        timeout = 30.0 if remaining is None else max(0.0, remaining - WAIT_MARGIN)
+        try:
+            login = await self.app.logins.wait(request.login_id, timeout)
+        except LookupError as exc:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
+        return login_message(login)
+
+    async def CompleteLogin(self, request: idp_pb2.CompleteLoginRequest,
+                            context: Context) -> idp_pb2.Login:
+        await self._configured(context)
+        assert self.app.logins is not None
+        try:
+            login = await self.app.logins.complete(
+                request.login_id, request.code, request.state, request.iss, request.error,
+                request.error_description)
+        except LookupError as exc:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
+        except LoginError as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except IdpUnavailable as exc:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, f"the IdP is unreachable: {exc}")
+        return login_message(login)
+
+    async def ListLogins(self, request: idp_pb2.ListLoginsRequest,
+                         context: Context) -> idp_pb2.ListLoginsResponse:
+        assert self.app.logins is not None
+        logins = [p.login for p in self.app.logins.pending.values()]
+        if self.app.engine is not None:
+            logins += [x for x in self.app.engine.logins.values() if request.all or x.active]
+        logins.sort(key=lambda x: x.created_at)
+        offset, size, page = await _page(context, request.page, len(logins))
+        return idp_pb2.ListLoginsResponse(
+            logins=[login_message(x) for x in logins[offset:offset + size]], page=page)
+
+    async def Logout(self, request: idp_pb2.LogoutRequest,
+                     context: Context) -> idp_pb2.LogoutResponse:
+        await self._configured(context)
+        assert self.app.logins is not None
+        try:
+            result = await self.app.logins.logout(request.login_id, request.address)
+        except LoginError as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except LookupError as exc:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
+        if result.outcome == idp_pb2.SYNC_OUTCOME_FAILED:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE,
+                         f"logged out, but the binding is not removed yet: {result.error} "
+                         "(the next sync retries)")
+        return idp_pb2.LogoutResponse(policy_version=result.policy_version)
+
+    async def ListBindings(self, request: idp_pb2.ListIdpBindingsRequest,
+                           context: Context) -> idp_pb2.ListIdpBindingsResponse:
+        entries = sorted(self.app.engine.bound.values(), key=lambda e: e.prefix) \
+            if self.app.engine is not None else []
+        offset, size, page = await _page(context, request.page, len(entries))
+        return idp_pb2.ListIdpBindingsResponse(
+            bindings=[binding_message(e) for e in entries[offset:offset + size]], page=page)
