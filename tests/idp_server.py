@@ -37,6 +37,7 @@ READY_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 5.0
 HTTP_TIMEOUT_S = 10.0
 MAX_BROWSER_STEPS = 12
+SCIM_READ_SCOPE = "scim:read"
 
 
 class IdpError(RuntimeError):
@@ -79,7 +80,7 @@ class RunningIdp:
             headers={"Authorization": f"Bearer {self.admin_token}"},
             timeout=HTTP_TIMEOUT_S,
         )
-        if r.status_code != 200:
+        if not r.is_success:
             raise IdpError(f"admin {method} {path}: HTTP {r.status_code}: {r.text}")
         return r.json()
 
@@ -105,6 +106,45 @@ class RunningIdp:
         """Re-read the data file (admin changes made since are discarded)."""
         result: dict[str, Any] = self._admin("POST", "/reload")
         return result
+
+    def add_user(self, user: dict[str, Any]) -> dict[str, Any]:
+        """Add one user (same shape as in the data file); IdpError on 400/409."""
+        created: dict[str, Any] = self._admin("POST", "/users", user)
+        return created
+
+    def delete_user(self, sub: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._admin("DELETE", f"/users/{quote(sub, safe='')}")
+        return result
+
+    def set_ip_addresses(self, sub: str, ip_addresses: Sequence[str]) -> dict[str, Any]:
+        user: dict[str, Any] = self._admin(
+            "PUT",
+            f"/users/{quote(sub, safe='')}/ip_addresses",
+            {"ip_addresses": list(ip_addresses)},
+        )
+        return user
+
+    def set_fault(self, scim: str) -> dict[str, Any]:
+        """SCIM fault injection: "none", "http500", "garbage", "truncate" or "slow"."""
+        faults: dict[str, Any] = self._admin("POST", "/faults", {"scim": scim})
+        return faults
+
+    def scim_url(self, path: str = "") -> str:
+        """``{issuer}/scim/v2`` plus ``path`` (e.g. "/Users")."""
+        return self.url("/scim/v2" + path)
+
+    def scim_token(self, client_id: str, client_secret: str) -> str:
+        """A client_credentials access token (a JWT for urn:vpnr) with scope scim:read."""
+        r = httpx.post(
+            self.discovery()["token_endpoint"],
+            data={"grant_type": "client_credentials", "scope": SCIM_READ_SCOPE},
+            auth=(client_id, client_secret),
+            timeout=HTTP_TIMEOUT_S,
+        )
+        if r.status_code != 200:
+            raise IdpError(f"client_credentials for {client_id}: HTTP {r.status_code}: {r.text}")
+        token: str = r.json()["access_token"]
+        return token
 
 
 def _read_stdout(stream: Any, lines: queue.Queue[bytes | None]) -> None:

@@ -186,7 +186,7 @@ def test_idpd_fetches_discovery_from_real_idp(tmp_path: Path, instance: str) -> 
     data = json.loads(EXAMPLE_IDP_DATA.read_text())
     with running_idp(tmp_path / "idp", data) as idp:
         status = status_once("idpd", tmp_path, instance,
-                             extra_config=f'[idpd]\nissuer = "{idp.issuer}"\n')
+                             extra_config=f'[idpd]\nissuer = "{idp.issuer}"\nclient_id = "x"\n')
     assert status.issuer == idp.issuer
     assert status.discovery_ok, status.discovery_error
     assert status.discovery_fetched_at.seconds > 0
@@ -203,7 +203,7 @@ def test_idpd_reports_issuer_mismatch_and_keeps_serving(tmp_path: Path, instance
         assert idp.issuer.startswith("http://127.0.0.1:")
         wrong = idp.issuer.replace("127.0.0.1", "localhost")
         status = status_once("idpd", tmp_path, instance,
-                             extra_config=f'[idpd]\nissuer = "{wrong}"\n')
+                             extra_config=f'[idpd]\nissuer = "{wrong}"\nclient_id = "x"\n')
     assert not status.discovery_ok
     assert f"names issuer {idp.issuer!r}, configured issuer is {wrong!r}" in \
         status.discovery_error
@@ -213,7 +213,7 @@ def test_idpd_reports_issuer_mismatch_and_keeps_serving(tmp_path: Path, instance
 def test_idpd_unreachable_idp_is_reported_not_fatal(tmp_path: Path, instance: str) -> None:
     # Port 9 on loopback: nothing listens there, the connection is refused at once.
     status = status_once("idpd", tmp_path, instance,
-                         extra_config='[idpd]\nissuer = "http://127.0.0.1:9"\n'
+                         extra_config='[idpd]\nissuer = "http://127.0.0.1:9"\nclient_id = "x"\n'
                                       "discovery_timeout_seconds = 2.0\n")
     assert not status.discovery_ok
     assert "cannot fetch http://127.0.0.1:9/.well-known/openid-configuration" in \

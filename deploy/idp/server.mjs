@@ -15,6 +15,7 @@ import * as http from 'node:http';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 
+import { createLocalJWKSet, jwtVerify } from 'jose';
 import Provider, { errors } from 'oidc-provider';
 
 // oidc-provider prints notices with console.info; keep stdout clean.
@@ -24,9 +25,22 @@ console.debug = (...args) => console.error(...args);
 
 const DEVICE_CODE_GRANT = 'urn:ietf:params:oauth:grant-type:device_code';
 const GRANT_ALIASES = { device_code: DEVICE_CODE_GRANT };
-const DEFAULT_RESOURCES = [{ identifier: 'urn:vpnr', scope: 'vpn' }];
+const SCIM_READ_SCOPE = 'scim:read';
+const DEFAULT_RESOURCES = [{ identifier: 'urn:vpnr', scope: `vpn ${SCIM_READ_SCOPE}` }];
 const MAX_BODY = 64 * 1024;
 const DAY = 24 * 60 * 60;
+
+const SCIM_USER_SCHEMA = 'urn:ietf:params:scim:schemas:core:2.0:User';
+const SCIM_GROUP_SCHEMA = 'urn:ietf:params:scim:schemas:core:2.0:Group';
+const SCIM_DEVICE_SCHEMA = 'urn:vpnr:params:scim:schemas:extension:device:2.0:User';
+const SCIM_LIST_SCHEMA = 'urn:ietf:params:scim:api:messages:2.0:ListResponse';
+const SCIM_ERROR_SCHEMA = 'urn:ietf:params:scim:api:messages:2.0:Error';
+const SCIM_CONTENT_TYPE = 'application/scim+json; charset=utf-8';
+const SCIM_DEFAULT_COUNT = 100;
+const SCIM_MAX_COUNT = 1000;
+const SCIM_MAX_FILTER = 1000;
+const SCIM_SLOW_MS = 3000;
+const SCIM_FAULTS = new Set(['none', 'http500', 'garbage', 'truncate', 'slow']);
 
 // ---------------------------------------------------------------- options
 
@@ -135,10 +149,17 @@ function asStringList(value, what) {
   return [...value];
 }
 
-function normalizeUser(u, i) {
-  if (!u || typeof u !== 'object') throw new Error(`users[${i}] must be an object`);
+function asNonEmptyStringList(value, what) {
+  const list = asStringList(value, what);
+  if (list.some((v) => !v)) throw new Error(`${what} must be a list of non-empty strings`);
+  return list;
+}
+
+// `where` names the user in error messages (`users[3]` for the data file).
+function normalizeUser(u, where) {
+  if (!u || typeof u !== 'object' || Array.isArray(u)) throw new Error(`${where} must be an object`);
   for (const field of ['sub', 'username', 'password']) {
-    if (typeof u[field] !== 'string' || !u[field]) throw new Error(`users[${i}].${field} must be a non-empty string`);
+    if (typeof u[field] !== 'string' || !u[field]) throw new Error(`${where}.${field} must be a non-empty string`);
   }
   let address;
   if (typeof u.address === 'string') address = { formatted: u.address };
@@ -149,9 +170,12 @@ function normalizeUser(u, i) {
     password: u.password,
     email: typeof u.email === 'string' ? u.email : undefined,
     name: typeof u.name === 'string' ? u.name : undefined,
-    groups: asStringList(u.groups, `users[${i}].groups`),
+    groups: asStringList(u.groups, `${where}.groups`),
     active: u.active !== false,
     address,
+    // Static addresses of devices/servers, served through SCIM only; the IdP
+    // does not interpret them.
+    ipAddresses: asNonEmptyStringList(u.ip_addresses, `${where}.ip_addresses`),
   };
 }
 
@@ -188,7 +212,7 @@ function readDataFile(file) {
   if (!doc || typeof doc !== 'object') throw new Error('top level must be an object');
   const users = new Map();
   for (const [i, raw] of (doc.users ?? []).entries()) {
-    const u = normalizeUser(raw, i);
+    const u = normalizeUser(raw, `users[${i}]`);
     if (users.has(u.sub)) throw new Error(`duplicate user sub ${u.sub}`);
     users.set(u.sub, u);
   }
@@ -351,8 +375,140 @@ async function readJson(ctx) {
 
 function publicUser(u) {
   return {
-    sub: u.sub, username: u.username, email: u.email, groups: u.groups, active: u.active,
+    sub: u.sub,
+    username: u.username,
+    email: u.email,
+    groups: u.groups,
+    active: u.active,
+    ip_addresses: u.ipAddresses,
   };
+}
+
+// ---------------------------------------------------------------- SCIM
+
+// Group ids: "g-" + name when the name consists of URL-unreserved characters
+// only (A-Z a-z 0-9 . _ ~ -), else "g64-" + base64url(UTF-8 name).  Both
+// forms are deterministic and never collide ("g-" vs "g6").
+function scimGroupId(name) {
+  return /^[A-Za-z0-9._~-]+$/.test(name) ? `g-${name}` : `g64-${Buffer.from(name, 'utf8').toString('base64url')}`;
+}
+
+class ScimError extends Error {
+  constructor(status, detail, scimType) {
+    super(detail);
+    this.status = status;
+    this.scimType = scimType;
+  }
+}
+
+// A SCIM filter restricted to `attr eq value` comparisons joined by `and`.
+// `attrs` maps lower-cased attribute names to
+// {type: 'string'|'boolean', get(item), caseExact}.  Returns a predicate.
+function parseScimFilter(text, attrs) {
+  const invalid = (why) => new ScimError(400, `unsupported or invalid filter: ${why}`, 'invalidFilter');
+  if (text.length > SCIM_MAX_FILTER) throw invalid('too long');
+  const tokens = [];
+  const re = /\s*(?:"((?:[^"\\]|\\.)*)"|([^\s"()[\]]+)|(\S))/y;
+  re.lastIndex = 0;
+  while (re.lastIndex < text.length) {
+    const m = re.exec(text);
+    if (!m) break; // only trailing whitespace is left
+    if (m[3] !== undefined) throw invalid(`unexpected "${m[3]}"`);
+    if (m[1] !== undefined) {
+      let value;
+      try {
+        value = JSON.parse(`"${m[1]}"`);
+      } catch {
+        throw invalid('bad string literal');
+      }
+      tokens.push({ str: value });
+    } else {
+      tokens.push({ word: m[2] });
+    }
+  }
+  const clauses = [];
+  let i = 0;
+  for (;;) {
+    const [attrTok, opTok, valTok] = tokens.slice(i, i + 3);
+    if (!attrTok?.word) throw invalid('expected an attribute name');
+    const attr = attrs[attrTok.word.toLowerCase()];
+    if (!attr) throw invalid(`attribute ${attrTok.word} is not filterable`);
+    if (!opTok?.word || opTok.word.toLowerCase() !== 'eq') throw invalid('only the "eq" operator is supported');
+    if (!valTok) throw invalid('expected a value');
+    let value;
+    if (attr.type === 'boolean') {
+      const w = valTok.word?.toLowerCase();
+      if (w !== 'true' && w !== 'false') throw invalid(`${attrTok.word} compares with true or false`);
+      value = w === 'true';
+      clauses.push((item) => attr.get(item) === value);
+    } else {
+      if (valTok.str === undefined) throw invalid(`${attrTok.word} compares with a quoted string`);
+      value = attr.caseExact ? valTok.str : valTok.str.toLowerCase();
+      clauses.push((item) => {
+        const v = attr.get(item);
+        return typeof v === 'string' && (attr.caseExact ? v : v.toLowerCase()) === value;
+      });
+    }
+    i += 3;
+    if (i === tokens.length) break;
+    if (tokens[i].word?.toLowerCase() !== 'and') throw invalid('only "and" can join comparisons');
+    i += 1;
+  }
+  return clauses.length === 1 ? clauses[0] : (item) => clauses.every((c) => c(item));
+}
+
+const USER_FILTER_ATTRS = {
+  id: { type: 'string', caseExact: true, get: (u) => u.sub },
+  username: { type: 'string', caseExact: false, get: (u) => u.username },
+  displayname: { type: 'string', caseExact: false, get: (u) => u.name ?? u.username },
+  active: { type: 'boolean', get: (u) => u.active },
+};
+const GROUP_FILTER_ATTRS = {
+  id: { type: 'string', caseExact: true, get: (g) => g.id },
+  displayname: { type: 'string', caseExact: false, get: (g) => g.name },
+};
+
+const byId = (a, b) => {
+  if (a.id < b.id) return -1;
+  return a.id > b.id ? 1 : 0;
+};
+
+// Sorted views of the users and the groups derived from them.  Built on the
+// first SCIM request after a change, O(n log n); requests then slice it.
+function buildScimIndex(users) {
+  const sortedUsers = [...users.values()].map((u) => ({ id: u.sub, user: u })).sort(byId).map((e) => e.user);
+  const groups = new Map(); // name -> {id, name, members: Set(sub)}
+  for (const u of sortedUsers) {
+    for (const name of u.groups) {
+      let g = groups.get(name);
+      if (!g) {
+        g = { id: scimGroupId(name), name, members: new Set() };
+        groups.set(name, g);
+      }
+      g.members.add(u.sub);
+    }
+  }
+  const sortedGroups = [...groups.values()].sort(byId);
+  return {
+    users: sortedUsers,
+    groups: sortedGroups,
+    groupById: new Map(sortedGroups.map((g) => [g.id, g])),
+  };
+}
+
+function parsePaging(query) {
+  const int = (name, fallback) => {
+    const raw = query[name];
+    if (raw === undefined || raw === '') return fallback;
+    if (typeof raw !== 'string' || !/^-?\d{1,15}$/.test(raw)) {
+      throw new ScimError(400, `${name} must be an integer`, 'invalidValue');
+    }
+    return Number(raw);
+  };
+  // RFC 7644 3.4.2.4: startIndex < 1 means 1, a negative count means 0.
+  const startIndex = Math.max(1, int('startIndex', 1));
+  const count = Math.min(SCIM_MAX_COUNT, Math.max(0, int('count', SCIM_DEFAULT_COUNT)));
+  return { startIndex, count };
 }
 
 // ---------------------------------------------------------------- main
@@ -386,6 +542,26 @@ async function main() {
     return u && u.active ? u : undefined;
   };
   const resourceInfo = (identifier) => state.resources.find((r) => r.identifier === identifier);
+
+  // SCIM: sorted views, rebuilt lazily on the first request after a change.
+  let scimIndex;
+  const scimChanged = () => {
+    scimIndex = undefined;
+  };
+  const getScimIndex = () => {
+    if (!scimIndex || scimIndex.state !== state) scimIndex = { ...buildScimIndex(state.users), state };
+    return scimIndex;
+  };
+  // Fault injection (test scaffolding, set through POST /admin/faults).
+  const faults = { scim: 'none' };
+  // SCIM bearer tokens are verified against our own (public) signing keys.
+  const publicJwks = createLocalJWKSet({
+    keys: signingKeys.map(({
+      kty, n, e, kid, alg, use,
+    }) => ({
+      kty, n, e, kid, alg, use,
+    })),
+  });
 
   // The HTTP server is bound first so that --port 0 works: the issuer
   // (which embeds the port) is only known after listening.
@@ -649,6 +825,158 @@ ${error ? `<p class="error">${esc(error)}</p>` : ''}
     return undefined;
   };
 
+  // ------------------------------------------------------------ SCIM
+
+  const scimBase = `${issuer.replace(/\/$/, '')}/scim/v2`;
+
+  const scimSend = (ctx, status, doc) => {
+    ctx.status = status;
+    ctx.body = typeof doc === 'string' ? doc : JSON.stringify(doc);
+    ctx.set('content-type', SCIM_CONTENT_TYPE);
+  };
+
+  const scimUser = (u) => {
+    const doc = {
+      schemas: [SCIM_USER_SCHEMA],
+      id: u.sub,
+      userName: u.username,
+      displayName: u.name ?? u.username,
+      active: u.active,
+    };
+    if (u.email) doc.emails = [{ value: u.email, primary: true }];
+    doc.groups = [...new Set(u.groups)].map((name) => ({ value: scimGroupId(name), display: name }));
+    if (u.ipAddresses.length > 0) {
+      doc.schemas.push(SCIM_DEVICE_SCHEMA);
+      doc[SCIM_DEVICE_SCHEMA] = { ipAddresses: [...u.ipAddresses] };
+    }
+    doc.meta = { resourceType: 'User', location: `${scimBase}/Users/${encodeURIComponent(u.sub)}` };
+    return doc;
+  };
+
+  // Members are listed by sub order, inactive users included.  The rendered
+  // list is kept on the index entry (the index is dropped on every change).
+  const scimGroup = (g) => {
+    g.rendered ??= [...g.members].map((sub) => ({
+      value: sub, display: state.users.get(sub)?.username, type: 'User',
+    }));
+    return {
+      schemas: [SCIM_GROUP_SCHEMA],
+      id: g.id,
+      displayName: g.name,
+      members: g.rendered,
+      meta: { resourceType: 'Group', location: `${scimBase}/Groups/${encodeURIComponent(g.id)}` },
+    };
+  };
+
+  const authError = (status, error, detail) => {
+    const err = new ScimError(status, `${error}: ${detail}`);
+    err.wwwAuthenticate = status === 403
+      ? `Bearer error="${error}", scope="${SCIM_READ_SCOPE}"`
+      : `Bearer error="${error}"`;
+    return err;
+  };
+
+  // An RS256 JWT access token of this provider (RFC 9068) for the resource
+  // that grants scim:read, carrying that scope.
+  const scimAuthenticate = async (ctx) => {
+    const m = /^Bearer\s+(\S+)$/i.exec(ctx.get('authorization'));
+    if (!m) throw authError(401, 'invalid_token', 'a bearer token is required');
+    const resource = state.resources.find((r) => r.scope.split(' ').includes(SCIM_READ_SCOPE)) ?? state.resources[0];
+    if (!resource) throw authError(401, 'invalid_token', 'no resource is configured');
+    let payload;
+    try {
+      ({ payload } = await jwtVerify(m[1], publicJwks, {
+        issuer,
+        audience: [...new Set([resource.identifier, resource.audience])],
+        algorithms: ['RS256'],
+        typ: 'at+jwt',
+        requiredClaims: ['exp'],
+      }));
+    } catch (err) {
+      throw authError(401, 'invalid_token', err.message);
+    }
+    const scopes = typeof payload.scope === 'string' ? payload.scope.split(' ') : [];
+    if (!scopes.includes(SCIM_READ_SCOPE)) {
+      throw authError(403, 'insufficient_scope', `the token lacks the ${SCIM_READ_SCOPE} scope`);
+    }
+  };
+
+  const decodeSegment = (raw) => {
+    try {
+      return decodeURIComponent(raw);
+    } catch {
+      return undefined;
+    }
+  };
+
+  const scimList = (ctx, kind) => {
+    const { startIndex, count } = parsePaging(ctx.query);
+    const index = getScimIndex();
+    let items = kind === 'Users' ? index.users : index.groups;
+    const { filter } = ctx.query;
+    if (filter !== undefined) {
+      if (typeof filter !== 'string') throw new ScimError(400, 'filter given more than once', 'invalidFilter');
+      items = items.filter(parseScimFilter(filter, kind === 'Users' ? USER_FILTER_ATTRS : GROUP_FILTER_ATTRS));
+    }
+    let totalResults = items.length;
+    let page = items.slice(startIndex - 1, startIndex - 1 + count);
+    if (faults.scim === 'truncate') {
+      // Claims one more resource than exists and serves nothing past page 1.
+      totalResults += 1;
+      if (startIndex > 1) page = [];
+    }
+    const render = kind === 'Users' ? scimUser : scimGroup;
+    return {
+      schemas: [SCIM_LIST_SCHEMA],
+      totalResults,
+      startIndex,
+      itemsPerPage: page.length,
+      Resources: page.map(render),
+    };
+  };
+
+  const scimRoute = async (ctx, rest) => {
+    ctx.set('cache-control', 'no-store');
+    try {
+      if (faults.scim === 'slow') await new Promise((resolve) => { setTimeout(resolve, SCIM_SLOW_MS); });
+      await scimAuthenticate(ctx);
+      if (faults.scim === 'http500') throw new ScimError(500, 'injected fault: http500');
+      if (ctx.method !== 'GET') throw new ScimError(501, 'this SCIM service is read-only');
+      if (faults.scim === 'garbage') {
+        scimSend(ctx, 200, '<html><body>{"schemas": ["urn:ietf:params:scim:api:messages:2.0:ListR');
+        return;
+      }
+      if (rest === '/Users' || rest === '/Groups') {
+        scimSend(ctx, 200, scimList(ctx, rest.slice(1)));
+        return;
+      }
+      const m = /^\/(Users|Groups)\/([^/]+)$/.exec(rest);
+      const id = m ? decodeSegment(m[2]) : undefined;
+      if (m && m[1] === 'Users') {
+        const u = id === undefined ? undefined : state.users.get(id);
+        if (!u) throw new ScimError(404, `no user with id ${id ?? m[2]}`);
+        scimSend(ctx, 200, scimUser(u));
+        return;
+      }
+      if (m && m[1] === 'Groups') {
+        const g = id === undefined ? undefined : getScimIndex().groupById.get(id);
+        if (!g) throw new ScimError(404, `no group with id ${id ?? m[2]}`);
+        scimSend(ctx, 200, scimGroup(g));
+        return;
+      }
+      throw new ScimError(404, `no SCIM endpoint ${rest || '/'}`);
+    } catch (err) {
+      if (!(err instanceof ScimError)) throw err;
+      if (err.wwwAuthenticate) ctx.set('www-authenticate', err.wwwAuthenticate);
+      scimSend(ctx, err.status, {
+        schemas: [SCIM_ERROR_SCHEMA],
+        status: String(err.status),
+        ...(err.scimType ? { scimType: err.scimType } : {}),
+        detail: err.message,
+      });
+    }
+  };
+
   // ------------------------------------------------------------ admin API
 
   const adminRoute = async (ctx, rest) => {
@@ -671,11 +999,50 @@ ${error ? `<p class="error">${esc(error)}</p>` : ''}
       ctx.body = { users: [...state.users.values()].map(publicUser) };
       return;
     }
+    if (route === 'POST /users') {
+      const body = await readJson(ctx);
+      let user;
+      try {
+        user = normalizeUser(body, 'user');
+      } catch (err) {
+        ctx.status = 400;
+        ctx.body = { error: err.message };
+        return;
+      }
+      const clash = state.users.has(user.sub) ? `sub ${user.sub}`
+        : [...state.users.values()].some((u) => u.username === user.username) && `username ${user.username}`;
+      if (clash) {
+        ctx.status = 409;
+        ctx.body = { error: `a user with ${clash} exists` };
+        return;
+      }
+      state.users.set(user.sub, user);
+      scimChanged();
+      ctx.status = 201;
+      ctx.body = publicUser(user);
+      return;
+    }
+    if (route === 'GET /faults') {
+      ctx.body = { ...faults };
+      return;
+    }
+    if (route === 'POST /faults') {
+      const body = await readJson(ctx);
+      if (!SCIM_FAULTS.has(body?.scim)) {
+        ctx.status = 400;
+        ctx.body = { error: `scim must be one of ${[...SCIM_FAULTS].join(', ')}` };
+        return;
+      }
+      faults.scim = body.scim;
+      ctx.body = { ...faults };
+      return;
+    }
     if (route === 'POST /reload') {
       try {
         const next = readDataFile(dataFile);
         await validateClients(next.clients);
         state = next;
+        scimChanged();
       } catch (err) {
         ctx.status = 400;
         ctx.body = { error: 'reload_failed', error_description: err.message };
@@ -684,9 +1051,10 @@ ${error ? `<p class="error">${esc(error)}</p>` : ''}
       ctx.body = { reloaded: true, users: state.users.size, clients: state.clients.size };
       return;
     }
-    if ((match = /^(GET|PUT|POST) \/users\/([^/]+)(\/groups|\/disable|\/enable)?$/.exec(route))) {
+    if ((match = /^(GET|PUT|POST|DELETE) \/users\/([^/]+)(\/groups|\/ip_addresses|\/disable|\/enable)?$/.exec(route))) {
       const [, method, rawSub, op] = match;
-      const user = state.users.get(decodeURIComponent(rawSub));
+      const sub = decodeSegment(rawSub);
+      const user = sub === undefined ? undefined : state.users.get(sub);
       if (!user) {
         ctx.status = 404;
         ctx.body = { error: 'no such user' };
@@ -705,12 +1073,34 @@ ${error ? `<p class="error">${esc(error)}</p>` : ''}
           ctx.body = { error: err.message };
           return;
         }
+        scimChanged();
+        ctx.body = publicUser(user);
+        return;
+      }
+      if ((method === 'PUT' || method === 'POST') && op === '/ip_addresses') {
+        const body = await readJson(ctx);
+        try {
+          if (!Array.isArray(body?.ip_addresses)) throw new Error('body must be {"ip_addresses": [...]}');
+          user.ipAddresses = asNonEmptyStringList(body.ip_addresses, 'ip_addresses');
+        } catch (err) {
+          ctx.status = 400;
+          ctx.body = { error: err.message };
+          return;
+        }
+        scimChanged();
         ctx.body = publicUser(user);
         return;
       }
       if (method === 'POST' && (op === '/disable' || op === '/enable')) {
         user.active = op === '/enable';
+        scimChanged();
         ctx.body = publicUser(user);
+        return;
+      }
+      if (method === 'DELETE' && !op) {
+        state.users.delete(user.sub);
+        scimChanged();
+        ctx.body = { deleted: user.sub };
         return;
       }
     }
@@ -721,6 +1111,7 @@ ${error ? `<p class="error">${esc(error)}</p>` : ''}
   provider.use(async (ctx, next) => {
     const rel = issuerPath && ctx.path.startsWith(issuerPath) ? ctx.path.slice(issuerPath.length) : ctx.path;
     if (rel === '/admin' || rel.startsWith('/admin/')) return adminRoute(ctx, rel.slice('/admin'.length));
+    if (rel === '/scim/v2' || rel.startsWith('/scim/v2/')) return scimRoute(ctx, rel.slice('/scim/v2'.length));
     const im = /^\/interaction\/([\w-]+)(?:\/(login|abort))?$/.exec(rel);
     if (im) return interactionRoute(ctx, im[1], im[2]);
     return next();

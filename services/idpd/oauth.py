@@ -191,9 +191,8 @@ class IdpClient:
         """OIDC Core 5.3: the user's current claims; 401/403 mean the login is over."""
         url = self.endpoint("userinfo_endpoint")
         try:
-            resp = await self._oauth.get(url, headers={"Authorization": f"Bearer {access_token}",
-                                                       "Accept": "application/json"},
-                                         withhold_token=True)
+            headers = {"Authorization": f"Bearer {access_token}", "Accept": "application/json"}
+            resp = await self._oauth.request("GET", url, headers=headers, withhold_token=True)
         except httpx.HTTPError as exc:
             raise IdpUnavailable(f"userinfo: {type(exc).__name__}: {exc}") from None
         if resp.status_code in (401, 403):
@@ -222,7 +221,7 @@ class IdpClient:
                        where: str) -> Any:
         """GET a JSON resource with a bearer token (SCIM)."""
         try:
-            resp = await self._oauth.get(url, params=dict(params), withhold_token=True,
+            resp = await self._oauth.request("GET", url, params=dict(params), withhold_token=True,
                                          headers={"Authorization": f"Bearer {bearer}",
                                                   "Accept": "application/scim+json, "
                                                             "application/json"})
@@ -240,7 +239,8 @@ class IdpClient:
     async def _post_json(self, url: str, data: dict[str, str], where: str) -> dict[str, Any]:
         try:
             auth = self._oauth.client_auth(self._oauth.token_endpoint_auth_method)
-            resp = await self._oauth.post(url, data=data, withhold_token=True, auth=auth)
+            resp = await self._oauth.request("POST", url, data=data, withhold_token=True,
+                                             auth=auth)
         except httpx.HTTPError as exc:
             raise IdpUnavailable(f"{where}: {type(exc).__name__}: {exc}") from None
         if resp.status_code >= 500:

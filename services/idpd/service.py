@@ -95,7 +95,7 @@ class IdpServicer(idp_pb2_grpc.IdpServiceServicer):
         status.active_logins = sum(1 for x in engine.logins.values() if x.active)
         status.directory_entries = len(engine.directory)
         status.staleness_seconds = engine.staleness()
-        status.stale = engine.stale or not sync.last_good
+        status.stale = engine.stale
         status.consecutive_failures = sync.consecutive_failures
         status.tokens_rejected = engine.tokens_rejected
         status.policy_version = sync.policy_version

@@ -85,6 +85,7 @@ class SyncState:
 
     last_sync: float = 0.0
     last_good: float = 0.0
+    synced: bool = False            # a full sync succeeded since this start
     consecutive_failures: int = 0
     next_sync: float = 0.0
     policy_version: int = 0
@@ -184,8 +185,9 @@ class SyncEngine:
 
     @property
     def stale(self) -> bool:
-        """The last full sync failed, so older IdP state is in force."""
-        return self.state.consecutive_failures > 0
+        """The set in force is not confirmed by the IdP: the last full sync failed, or
+        none succeeded since this start (the set was restored from the database)."""
+        return self.state.consecutive_failures > 0 or not self.state.synced
 
     def _gauges(self) -> None:
         for origin in ("login", "directory"):
@@ -268,6 +270,7 @@ class SyncEngine:
                 await self._apply(plan, result, f"idp sync {sync_id} ({trigger})")
                 self.state.consecutive_failures = 0
                 self.state.last_good = started
+            self.state.synced = True
         except (IdpUnavailable, PolicydUnavailable) as exc:
             result.outcome = idp_pb2.SYNC_OUTCOME_FAILED
             result.error = str(exc)

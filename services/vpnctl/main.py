@@ -4,7 +4,8 @@
 ``health`` are friendly verbs over the four daemons of one router instance; ``policy``,
 ``snapshot``, ``role``, ``rule``, ``binding`` and ``zone`` speak to policyd (registered from
 :mod:`vpnr.vpnctl.policy_verbs` and :mod:`vpnr.vpnctl.policy_object_verbs`); ``audit`` speaks
-to auditd (registered from :mod:`vpnr.vpnctl.audit_verbs`).
+to auditd (registered from :mod:`vpnr.vpnctl.audit_verbs`); ``idp`` speaks to idpd
+(registered from :mod:`vpnr.vpnctl.idp_verbs`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from vpnr.vpnctl import audit_verbs, policy_object_verbs, policy_verbs
+from vpnr.vpnctl import audit_verbs, idp_verbs, policy_object_verbs, policy_verbs
 from vpnr.vpnctl.commandline import DEFAULT_TIMEOUT, Handler, call_timeout, emit
 from vpnr.vpnctl.output import (
     FORMATS,
@@ -84,6 +85,9 @@ examples:
   vpnctl snapshot create before-change
   vpnctl audit events --since 15m --verdict deny # the audit log (see vpnctl audit --help)
   vpnctl audit events --follow --role eng
+  vpnctl idp status                              # the IdP link of idpd (see vpnctl idp --help)
+  vpnctl idp sync --confirm 7f3c2a               # apply a sync held by the deletion guard
+  vpnctl idp login --address 10.1.0.10           # device-grant sign-in bound to an address
 """
 
 
@@ -168,6 +172,7 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = N
     policy_verbs.add_commands(commands, common)
     policy_object_verbs.add_commands(commands, common)
     audit_verbs.add_commands(commands, common)
+    idp_verbs.add_commands(commands, common)
     return parser.parse_args(argv)
 
 
