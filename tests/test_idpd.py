@@ -130,8 +130,8 @@ def device_login(stack: Stack, address: str, user: tuple[str, str]) -> idp_pb2.L
     approve_device(challenge.verification_uri_complete, *user)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        login: idp_pb2.Login = stack.stub.WaitLogin(idp_pb2.WaitLoginRequest(login_id=challenge.login_id),
-                                     timeout=15)
+        login: idp_pb2.Login = stack.stub.WaitLogin(
+            idp_pb2.WaitLoginRequest(login_id=challenge.login_id), timeout=15)
         if login.state != idp_pb2.LOGIN_STATE_PENDING:
             return login
     raise AssertionError("device login still pending after 30 s")
