@@ -168,7 +168,11 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 @contextlib.contextmanager
 def running_idp(
-    tmp_path: Path, data: dict[str, Any], port: int | None = None, keys: Path | None = None
+    tmp_path: Path,
+    data: dict[str, Any],
+    port: int | None = None,
+    keys: Path | None = None,
+    issuer: str | None = None,
 ) -> Iterator[RunningIdp]:
     """Start the lab IdP with ``data`` (users/clients) and stop it on exit.
 
@@ -200,6 +204,8 @@ def running_idp(
     ]
     if keys is not None:
         argv += ["--keys", str(keys)]
+    if issuer is not None:  # e.g. a proxy in front of the IdP
+        argv += ["--issuer", issuer]
     env = dict(os.environ)
     env["VPNR_IDP_ADMIN_TOKEN"] = admin_token  # kept out of argv (ps)
 

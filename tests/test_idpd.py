@@ -11,18 +11,38 @@ import copy
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
+import jwt_craft
 import pytest
-from idp_server import IDP_DIR, RunningIdp, approve_device, browser_authorize, running_idp
+from idp_server import (
+    IDP_DIR,
+    RunningIdp,
+    approve_device,
+    browser_authorize,
+    generate_keys,
+    jwt_parts,
+    running_idp,
+)
 
 from conftest import DaemonProcess, RunningPolicyd, start_policyd
-from vpnr.v1 import codes_pb2, idp_pb2, idp_pb2_grpc, policy_pb2
+from vpnr.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    codes_pb2,
+    common_pb2,
+    idp_pb2,
+    idp_pb2_grpc,
+    policy_pb2,
+)
 
 CLIENT_ID = "vpnr-idpd"
 CLIENT_SECRET = "vpnr-idpd-lab-secret"
@@ -62,6 +82,7 @@ class Stack:
     idp: RunningIdp
     stub: idp_pb2_grpc.IdpServiceStub
     channel: grpc.Channel
+    auditd: DaemonProcess | None = None
 
     def status(self) -> idp_pb2.IdpStatus:
         status: idp_pb2.IdpStatus = self.stub.Status(idp_pb2.IdpStatusRequest(), timeout=10)
@@ -93,23 +114,82 @@ def make_roles(policyd: RunningPolicyd) -> None:
                 dst_prefix="10.9.0.0/24", dst_port_from=22, dst_port_to=22)])), timeout=10)
 
 
+class TokenProxy:
+    """An HTTP proxy in front of the IdP that can replace the ID token in token responses.
+
+    A fake for a fault we cannot cause for real: an IdP (or a man in the middle) handing
+    idpd a forged token. Everything else passes through unchanged; the IdP's issuer is the
+    proxy's URL, so every URL the IdP publishes leads through it.
+    """
+
+    def __init__(self) -> None:
+        self.upstream = ""
+        self.rewrite: Any = None  # callable(real_id_token) -> forged token, or None
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("content-length", "connection")}
+                resp = httpx.request(self.command, proxy.upstream + self.path, headers=headers,
+                                     content=body, timeout=10.0, follow_redirects=False)
+                content = resp.content
+                if self.path.startswith("/token") and proxy.rewrite is not None \
+                        and resp.status_code == 200:
+                    doc = resp.json()
+                    if "id_token" in doc:
+                        doc["id_token"] = proxy.rewrite(doc["id_token"])
+                        content = json.dumps(doc).encode()
+                self.send_response(resp.status_code)
+                for k, v in resp.headers.multi_items():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection",
+                                         "content-encoding"):
+                        self.send_header(k, v)
+                self.send_header("content-length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            do_GET = do_POST = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @pytest.fixture
 def stack_factory(tmp_path: Path, netns: str, instance: str) -> Iterator[Any]:
     started: list[Stack] = []
+    proxies: list[TokenProxy] = []
 
-    def make(data: dict[str, Any], extra: str = "", keys: Path | None = None) -> Stack:
-        idp_cm = running_idp(tmp_path / "idp", data, keys=keys)
+    def make(data: dict[str, Any], extra: str = "", keys: Path | None = None,
+             proxy: TokenProxy | None = None, auditd: bool = False) -> Stack:
+        if proxy is not None:
+            proxies.append(proxy)
+        idp_cm = running_idp(tmp_path / "idp", data, keys=keys,
+                             issuer=proxy.url if proxy else None)
         idp = idp_cm.__enter__()
+        if proxy is not None:
+            proxy.upstream = f"http://127.0.0.1:{idp.port}"
         policyd = start_policyd(tmp_path, netns, instance)
         make_roles(policyd)
         secret = tmp_path / "client.secret"
         secret.write_text(CLIENT_SECRET + "\n")
         os.chmod(secret, 0o600)
         with policyd.config.open("a") as f:
-            f.write(idpd_section(idp.issuer, secret, extra))
+            f.write(idpd_section(idp.issuer, secret, extra.replace("{issuer}", idp.issuer)))
+        audit = (DaemonProcess("auditd", policyd.config, tmp_path / "run", instance).start()
+                 if auditd else None)
         idpd = DaemonProcess("idpd", policyd.config, tmp_path / "run", instance).start()
         channel = grpc.insecure_channel(f"unix:{idpd.socket}")
-        stack = Stack(policyd, idpd, idp, idp_pb2_grpc.IdpServiceStub(channel), channel)
+        stack = Stack(policyd, idpd, idp, idp_pb2_grpc.IdpServiceStub(channel), channel, audit)
         stack._idp_cm = idp_cm  # type: ignore[attr-defined]
         started.append(stack)
         return stack
@@ -118,9 +198,13 @@ def stack_factory(tmp_path: Path, netns: str, instance: str) -> Iterator[Any]:
     for stack in started:
         stack.channel.close()
         stack.idpd.stop()
+        if stack.auditd is not None:
+            stack.auditd.stop()
         stack.policyd.channel.close()
         stack.policyd.process.stop()
         stack._idp_cm.__exit__(None, None, None)  # type: ignore[attr-defined]
+    for proxy in proxies:
+        proxy.close()
 
 
 def device_login(stack: Stack, address: str, user: tuple[str, str]) -> idp_pb2.Login:
@@ -242,3 +326,134 @@ def test_idp_unreachable_keeps_policy_reports_stale_and_recovers(stack_factory: 
     status = stack.status()
     assert not status.stale and status.consecutive_failures == 0
     assert stack.roles_in_kernel("10.1.0.11")[1] == ["eng"]
+
+
+def devices(n: int, *, start: int = 1) -> list[dict[str, Any]]:
+    """Directory entries (fixed devices) with addresses in 10.2.x.y and group printers."""
+    return [{"sub": f"d-{i:04d}", "username": f"printer-{i:04d}", "password": "unused-pw",
+             "groups": ["printers"], "ip_addresses": [f"10.2.{i // 250}.{i % 250 + 1}"]}
+            for i in range(start, start + n)]
+
+
+SCIM = "scim_base_url = \"{issuer}/scim/v2\"\n"
+
+
+def test_directory_sync_binds_devices_and_never_applies_a_bad_read(
+        stack_factory: Any, tmp_path: Path) -> None:
+    data = idp_data()
+    data["users"] += devices(3)
+    data["users"].append({"sub": "d-bad", "username": "broken-device", "password": "x",
+                          "groups": ["printers"], "ip_addresses": ["10.2.99.300"]})
+    data["users"].append({"sub": "d-off", "username": "retired", "password": "x",
+                          "active": False, "groups": ["printers"],
+                          "ip_addresses": ["10.2.99.1"]})
+    stack = stack_factory(data, extra=SCIM)
+    first = stack.sync()
+    assert first.outcome in (idp_pb2.SYNC_OUTCOME_APPLIED, idp_pb2.SYNC_OUTCOME_UNCHANGED)
+    assert first.total == 3, first
+    assert any("broken-device" in w for w in stack.status().last_result.warnings) or \
+        any("broken-device" in w for w in first.warnings)
+    assert stack.roles_in_kernel("10.2.0.2")[1] == ["printers"]
+    assert stack.roles_in_kernel("10.2.99.1")[1] == []          # inactive: not bound
+    bound = stack.stub.ListBindings(idp_pb2.ListIdpBindingsRequest(), timeout=10).bindings
+    assert {(b.prefix, b.origin, b.username) for b in bound} == {
+        (f"10.2.0.{i + 1}/32", "directory", f"printer-{i:04d}") for i in (1, 2, 3)}
+    version = stack.policyd.stub.GetPolicy(policy_pb2.GetPolicyRequest(), timeout=10).version
+    # Each broken answer fails the sync and changes nothing, however it is broken.
+    for fault in ("http500", "garbage", "truncate"):
+        stack.idp.set_fault(fault)
+        result = stack.sync()
+        assert result.outcome == idp_pb2.SYNC_OUTCOME_FAILED, (fault, result)
+        assert stack.status().stale
+        assert stack.policyd.stub.GetPolicy(policy_pb2.GetPolicyRequest(),
+                                            timeout=10).version == version
+        assert stack.roles_in_kernel("10.2.0.2")[1] == ["printers"]
+    stack.idp.set_fault("none")
+    assert stack.sync().outcome == idp_pb2.SYNC_OUTCOME_UNCHANGED
+    assert not stack.status().stale
+
+
+def test_mass_deletion_is_held_until_confirmed(stack_factory: Any) -> None:
+    data = idp_data()
+    data["users"] += devices(20)
+    stack = stack_factory(data, extra=SCIM + "max_delete_share = 0.5\nguard_min_bindings = 10\n")
+    assert stack.sync().total == 20
+    for i in range(3, 21):                       # 18 of 20 devices leave the directory
+        stack.idp.delete_user(f"d-{i:04d}")
+    held = stack.sync()
+    assert held.outcome == idp_pb2.SYNC_OUTCOME_HELD, held
+    assert (held.removed, held.total) == (18, 2)
+    assert "18 of 20" in held.error and held.sync_id in held.error
+    status = stack.status()
+    assert status.held_sync_id == held.sync_id and status.held.removed == 18
+    assert any(w.code == "SYNC_HELD" for w in status.warnings)
+    # Nothing was removed: the kernel still binds a device that left the directory.
+    assert stack.roles_in_kernel("10.2.0.10")[1] == ["printers"]
+    with pytest.raises(grpc.RpcError) as err:
+        stack.stub.ConfirmSync(idp_pb2.ConfirmSyncRequest(held_sync_id="s-other"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    done = stack.stub.ConfirmSync(idp_pb2.ConfirmSyncRequest(held_sync_id=held.sync_id),
+                                  timeout=30)
+    assert (done.outcome, done.removed) == (idp_pb2.SYNC_OUTCOME_APPLIED, 18), done
+    assert stack.roles_in_kernel("10.2.0.10") == (codes_pb2.REASON_NO_ROLE, [])
+    assert stack.roles_in_kernel("10.2.0.2")[1] == ["printers"]
+    assert not stack.status().held_sync_id
+
+
+def _forgeries(issuer: str, key: dict[str, Any]) -> dict[str, Any]:
+    """reason -> function(real ID token) -> forged token."""
+    def resign(**change: Any) -> Any:
+        def make(real: str) -> str:
+            header, payload = jwt_parts(real)
+            payload.update(change)
+            return jwt_craft.sign_rs256(payload, {"kid": header["kid"]}, key)
+        return make
+
+    def bad_signature(real: str) -> str:
+        head, body, sig = real.split(".")
+        return ".".join([head, body, sig[:-6] + ("AAAAAA" if sig[-6:] != "AAAAAA" else "BBBBBB")])
+
+    def alg_none(real: str) -> str:
+        return jwt_craft.unsigned_token(jwt_parts(real)[1])
+
+    return {
+        "bad_signature": bad_signature,
+        "wrong_issuer": resign(iss="http://evil.example"),
+        "wrong_audience": resign(aud="someone-else"),
+        "expired": resign(exp=int(time.time()) - 3600, iat=int(time.time()) - 7200),
+        "alg_not_allowed": alg_none,
+    }
+
+
+def test_forged_id_tokens_are_rejected_and_audited(stack_factory: Any, tmp_path: Path) -> None:
+    keys = generate_keys(tmp_path / "idp-keys.json")
+    proxy = TokenProxy()
+    stack = stack_factory(idp_data(), keys=keys, proxy=proxy, auditd=True)
+    forgeries = _forgeries(stack.idp.issuer, jwt_craft.load_private_jwk(keys))
+    for n, (reason, forge) in enumerate(forgeries.items()):
+        proxy.rewrite = forge
+        login = pkce_login(stack, f"10.1.1.{n + 1}", ALICE)
+        assert login.state == idp_pb2.LOGIN_STATE_FAILED, (reason, login)
+        assert "ID token rejected" in login.error and reason in login.error, login.error
+        assert stack.roles_in_kernel(f"10.1.1.{n + 1}")[1] == []
+    proxy.rewrite = None                         # the genuine token still works
+    assert pkce_login(stack, "10.1.1.99", ALICE).state == idp_pb2.LOGIN_STATE_ACTIVE
+    assert stack.status().tokens_rejected == len(forgeries)
+    assert stack.auditd is not None
+    with grpc.insecure_channel(f"unix:{stack.auditd.socket}") as channel:
+        audit = audit_pb2_grpc.AuditServiceStub(channel)
+        deadline = time.monotonic() + 10
+        reasons: list[str] = []
+        while time.monotonic() < deadline:
+            records = audit.Query(audit_pb2.QueryRequest(
+                filter=audit_pb2.AuditFilter(control_only=True),
+                page=common_pb2.PageRequest(page_size=500)), timeout=10).records
+            rejected = [json.loads(r.control.detail_json) for r in records
+                        if r.control.action == "idp.token_rejected"]
+            reasons = sorted(d["reason"] for d in rejected)
+            if len(reasons) == len(forgeries):
+                break
+            time.sleep(0.1)
+        assert reasons == sorted(forgeries)
+        for r in records:                         # no token text in any record
+            assert "eyJ" not in r.control.detail_json and "eyJ" not in r.control.error

@@ -209,7 +209,7 @@ class LoginManager:
                                                  login.login_id, nonce=nonce)
         except TokenError as exc:
             await self._end(pending, idp_pb2.LOGIN_STATE_FAILED,
-                            f"ID token rejected: {exc}")
+                            f"ID token rejected ({exc.reason}): {exc}")
             return
         info: dict[str, Any] = dict(claims)
         with contextlib.suppress(IdpUnavailable, IdpRefused):

@@ -23,12 +23,13 @@ import grpc
 
 from vpnr.core.client import is_serving, socket_target
 from vpnr.lab.policy import site_policy
-from vpnr.lab.topology import DAEMONS, IDP_ADDRESS, IDP_PORT, LabSpec, Site
+from vpnr.lab.topology import DAEMONS, IDP_ADDRESS, IDP_CLIENT_ID, IDP_PORT, LabSpec, Site
 from vpnr.tunneld.keys import StaticKeys, b64
-from vpnr.v1 import policy_pb2, policy_pb2_grpc
+from vpnr.v1 import codes_pb2, policy_pb2, policy_pb2_grpc
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 IDP_DIR = REPO_ROOT / "deploy" / "idp"
+IDP_DATA = IDP_DIR / "lab-data.json"   # users, the printers (directory devices), idpd's client
 READY_TIMEOUT = 90.0  # bcc compiles the program at first start: slow on a loaded host
 STOP_TIMEOUT = 10.0
 
@@ -135,7 +136,7 @@ class Lab:
         path = self.spec.run_dir / site.instance / "policyd.sock"
         with grpc.insecure_channel(socket_target(path)) as channel:
             reply = policy_pb2_grpc.PolicyServiceStub(channel).ReplacePolicy(
-                policy_pb2.ReplacePolicyRequest(policy=site_policy(self.spec, site),
+                policy_pb2.ReplacePolicyRequest(policy=lab_policy(self.spec, site),
                                                 reason="vpnr-lab up"), timeout=30)
         return int(reply.version)
 
@@ -204,7 +205,21 @@ class Lab:
                 raise LabError(f"{path} exists: instance {site.instance!r} is in use by "
                                "another router on this host")
             self._record("paths", str(path))
+        if self.spec.with_idp:
+            self._write_idp_secret(site)
         site.config_path.write_text(self.spec.router_config(site, peer_public_key))
+
+    @staticmethod
+    def _write_idp_secret(site: Site) -> None:
+        """idpd's client secret at the lab IdP (from the IdP's data), 0600 from the start."""
+        clients = json.loads(IDP_DATA.read_text())["clients"]
+        secret = next(c["client_secret"] for c in clients if c["client_id"] == IDP_CLIENT_ID)
+        path = site.idp_secret_path
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secret + "\n")
+        os.chmod(path, 0o600)  # also when it existed with another mode
 
     # -- processes ----------------------------------------------------------------------
 
@@ -226,7 +241,7 @@ class Lab:
             raise LabError(f"the lab IdP is not installed: run deploy/setup-host.sh "
                            f"(npm ci in {IDP_DIR}) or use --no-idp")
         data = self.spec.lab_dir / "idp-data.json"
-        shutil.copy(IDP_DIR / "example-data.json", data)
+        shutil.copy(IDP_DATA, data)
         token = os.urandom(16).hex()
         (self.spec.lab_dir / "idp-admin-token").write_text(token)
         os.chmod(self.spec.lab_dir / "idp-admin-token", 0o600)
@@ -332,6 +347,24 @@ class Lab:
                 removed.append(f"dir {path}")
         self.manifest = Manifest()
         return removed
+
+
+def lab_policy(spec: LabSpec, site: Site) -> policy_pb2.PolicyDocument:
+    """The site's lab policy (vpnr.lab.policy) with every role idpd's mappings name: the
+    printers (directory devices of the lab IdP) may ping the site's LAN, nothing more."""
+    doc = site_policy(spec, site)
+    if spec.with_idp and not any(r.name == "printers" for r in doc.roles):
+        rule_ids = {rule.id for role in doc.roles for rule in role.rules}
+        first = max(rule_ids | {39}) + 1
+        doc.roles.append(policy_pb2.Role(name="printers", description="directory printers",
+                                         rules=[
+            policy_pb2.Rule(id=first, priority=10, action=policy_pb2.ACTION_ALLOW,
+                            protocol=codes_pb2.PROTOCOL_ICMP, dst_prefix=site.lan_v4,
+                            description="ping this site's LAN"),
+            policy_pb2.Rule(id=first + 1, priority=10, action=policy_pb2.ACTION_ALLOW,
+                            protocol=codes_pb2.PROTOCOL_ICMPV6, dst_prefix=site.lan_v6,
+                            description="ping6 this site's LAN")]))
+    return doc
 
 
 def _exited(pid: int) -> bool:

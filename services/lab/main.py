@@ -138,6 +138,8 @@ def demo(lab: Lab) -> int:
             print(f"   idpd: issuer {idp.issuer}, discovery "
                   f"{'ok' if idp.discovery_ok else 'FAILED: ' + idp.discovery_error}")
     show_tunnel(lab)
+    if spec.with_idp:
+        show_idpd(lab)
     print(f"\nInspect: vpnctl --instance {spec.sites[0].instance} status | "
           f"vpnctl --instance {spec.sites[0].instance} audit events --verdict deny | "
           f"Tear down: vpnr-lab down --name {spec.name}")
@@ -209,6 +211,64 @@ def show_tunnel(lab: Lab) -> None:
           "(site B's rule 25: no telnet into this site)")
     print(f"   site B {b.instance}:")
     show_audit(audit_path, first, 1)
+
+
+def idpd_status(spec: LabSpec, site: Site, first_sync_timeout: float = 0.0) -> idp_pb2.IdpStatus:
+    """idpd's Status; waits (bounded) up to ``first_sync_timeout`` for its first sync."""
+    path = spec.run_dir / site.instance / "idpd.sock"
+    with grpc.insecure_channel(socket_target(path)) as channel:
+        stub = idp_pb2_grpc.IdpServiceStub(channel)
+        deadline = time.monotonic() + first_sync_timeout
+        while True:
+            status: idp_pb2.IdpStatus = stub.Status(idp_pb2.IdpStatusRequest(), timeout=5)
+            if status.last_result.sync_id or time.monotonic() >= deadline:
+                return status
+            time.sleep(0.1)
+
+
+def idpd_bindings(spec: LabSpec, site: Site) -> list[idp_pb2.IdpBinding]:
+    """What idpd holds at policyd (ListBindings, every page)."""
+    path = spec.run_dir / site.instance / "idpd.sock"
+    bindings: list[idp_pb2.IdpBinding] = []
+    token = ""
+    with grpc.insecure_channel(socket_target(path)) as channel:
+        stub = idp_pb2_grpc.IdpServiceStub(channel)
+        for _ in range(100):  # bounded whatever the pages say
+            reply = stub.ListBindings(idp_pb2.ListIdpBindingsRequest(
+                page=common_pb2.PageRequest(page_size=200, page_token=token)), timeout=5)
+            bindings.extend(reply.bindings)
+            token = reply.page.next_page_token
+            if not token:
+                break
+    return bindings
+
+
+def show_idpd(lab: Lab) -> None:
+    """idpd at each router: the last sync with the lab IdP (`vpnctl idp status`, in short)
+    and the bindings it keeps at policyd (`vpnctl idp bindings`): the directory's devices."""
+    spec = lab.spec
+    print(f"\n== idpd: identities from the lab IdP {spec.issuer} (SCIM directory, logins)")
+    for site in spec.sites:
+        status = idpd_status(spec, site, first_sync_timeout=10.0)
+        result = status.last_result
+        outcome = (idp_pb2.SyncOutcome.Name(result.outcome).removeprefix("SYNC_OUTCOME_")
+                   .lower() if result.sync_id else "no sync yet")
+        stale = "STALE (last good set in force)" if status.stale else "fresh"
+        print(f"   {site.instance}: last sync {outcome} "
+              f"(+{result.added} -{result.removed} ~{result.changed}, {result.total} total, "
+              f"{result.duration_seconds * 1000:.0f} ms), {stale}, "
+              f"{status.staleness_seconds:.0f} s since the last good sync, "
+              f"{status.bindings} binding(s), {status.directory_entries} directory "
+              f"entr{'y' if status.directory_entries == 1 else 'ies'}, "
+              f"{status.active_logins} active login(s), policy version "
+              f"{status.policy_version}")
+        if result.error:
+            print(f"     error: {result.error}")
+        for warning in result.warnings[:5]:
+            print(f"     warning: {warning}")
+        for b in idpd_bindings(spec, site):
+            print(f"     {b.prefix:<16} {','.join(b.roles):<10} {b.origin:<9} {b.subject} "
+                  f"(groups {','.join(b.groups) or '-'})")
 
 
 def show_audit(path: Path, after_id: int, expected: int) -> None:

@@ -19,6 +19,12 @@ IDP_ADDRESS = "198.51.100.254"
 IDP_PORT = 9000
 METRICS_PORTS = {"policyd": 9101, "tunneld": 9102, "auditd": 9103, "idpd": 9104}
 DAEMONS = ("policyd", "tunneld", "auditd", "idpd")
+IDP_CLIENT_ID = "vpnr-idpd"
+IDP_HTTP_TIMEOUT = 3.0          # seconds: the IdP is one bridge away
+IDP_SYNC_INTERVAL = 300.0       # idpd's default; tests and the demo sync on demand
+# The lab IdP's groups -> the lab policy's roles (services/lab/policy.py defines them).
+IDP_ROLE_MAPPINGS = (("eng", "eng"), ("sales", "sales"), ("printers", "printers"))
+PRINTER_HOST = 50               # the printer of each site (deploy/idp/lab-data.json): 10.x.0.50
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,16 @@ class Site:
         return f"fd00:{self.index}::{9 + n:x}"
 
     @property
+    def printer_v4(self) -> str:
+        """The site's printer, a directory device of the lab IdP (no lab host uses it)."""
+        return f"10.{self.index}.0.{PRINTER_HOST}"
+
+    @property
+    def printer_v6(self) -> str:
+        """The printer's IPv6 address (as written in lab-data.json: ``::50``)."""
+        return f"fd00:{self.index}::{PRINTER_HOST}"
+
+    @property
     def router_wan_v4(self) -> str:
         """Router's underlay address."""
         return f"198.51.100.{self.index}"
@@ -95,6 +111,11 @@ class Site:
     def state_dir(self) -> Path:
         """The router's state directory."""
         return self.lab.lab_dir / "state" / self.instance
+
+    @property
+    def idp_secret_path(self) -> Path:
+        """idpd's client secret at the lab IdP (written 0600 by `up`)."""
+        return self.state_dir / "idpd" / "client.secret"
 
     @property
     def log_dir(self) -> Path:
@@ -166,7 +187,7 @@ class LabSpec:
         key (no peer without it)."""
         syslog = (f'[auditd.syslog]\nenabled = true\ntarget = "unix:{self.syslog_socket(site)}"\n'
                   f'hostname = "{site.instance}"\n\n' if self.syslog else "")
-        idp = f'issuer = "{self.issuer}"\nclient_id = "vpnr-idpd"\n' if self.with_idp else ""
+        idp = self._idp_config(site) if self.with_idp else ""
         return (
             "# Written by vpnr-lab; removed by `vpnr-lab down`.\n"
             "[router]\n"
@@ -190,6 +211,18 @@ class LabSpec:
             f"metrics_port = {METRICS_PORTS['idpd']}\n"
             + idp
         )
+
+    def _idp_config(self, site: Site) -> str:
+        """idpd's keys: the lab IdP, its SCIM directory and the group -> role mappings."""
+        mappings = "".join(f'\n[[idpd.role_mappings]]\nclaim = "groups"\nvalue = "{group}"\n'
+                           f'roles = ["{role}"]\n' for group, role in IDP_ROLE_MAPPINGS)
+        return (f'issuer = "{self.issuer}"\n'
+                f'client_id = "{IDP_CLIENT_ID}"\n'
+                f'client_secret_file = "{site.idp_secret_path}"\n'
+                f'scim_base_url = "{self.issuer}/scim/v2"\n'
+                f"http_timeout_seconds = {IDP_HTTP_TIMEOUT}\n"
+                f"sync_interval_seconds = {IDP_SYNC_INTERVAL}\n"
+                + mappings)
 
     def _peer_config(self, site: Site, public_key: str) -> str:
         if not public_key:
