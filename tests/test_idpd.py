@@ -10,7 +10,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +35,7 @@ from idp_server import (
     running_idp,
 )
 
-from conftest import DaemonProcess, RunningPolicyd, start_policyd
+from conftest import BIN, DaemonProcess, RunningPolicyd, start_policyd
 from vpnr.v1 import (
     audit_pb2,
     audit_pb2_grpc,
@@ -457,3 +459,39 @@ def test_forged_id_tokens_are_rejected_and_audited(stack_factory: Any, tmp_path:
         assert reasons == sorted(forgeries)
         for r in records:                         # no token text in any record
             assert "eyJ" not in r.control.detail_json and "eyJ" not in r.control.error
+
+
+def test_tokens_refreshed_before_expiry_and_sealed_at_rest(
+        stack_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VPNR_IDP_ACCESS_TOKEN_TTL", "8")   # the IdP's access token lifetime
+    stack = stack_factory(idp_data(), extra="refresh_margin_seconds = 5.0\n")
+    login = pkce_login(stack, "10.1.2.1", BOB)
+    assert login.state == idp_pb2.LOGIN_STATE_ACTIVE, login.error
+    first_expiry = login.access_expires_at.seconds
+    assert first_expiry - time.time() < 10
+    # No SyncNow: idpd schedules the refresh itself, before the token expires.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        now = stack.stub.ListLogins(idp_pb2.ListLoginsRequest(), timeout=10).logins[0]
+        if now.access_expires_at.seconds > first_expiry:
+            break
+        time.sleep(0.2)
+    assert now.access_expires_at.seconds > first_expiry, "access token was not refreshed"
+    assert now.refreshed_at.seconds >= login.refreshed_at.seconds
+    assert stack.roles_in_kernel("10.1.2.1")[1] == ["sales"]
+    state = Path(str(stack.policyd.config.parent / "state"))
+    key = state / "idpd" / "token.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    # No token in the clear anywhere in idpd's database files (tokens are 43+ characters
+    # of base64url; sealed ones are random bytes).
+    for f in (state / "idpd").glob("idpd.sqlite*"):
+        assert not re.search(rb"[A-Za-z0-9_-]{40,}", f.read_bytes()), f
+    # A token key others can read stops idpd with a clear message.
+    stack.idpd.stop()
+    os.chmod(key, 0o644)
+    proc = subprocess.run([str(BIN / "idpd"), "--config", str(stack.policyd.config)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "lets others read the token key" in proc.stderr + proc.stdout
+    os.chmod(key, 0o600)
+    stack.idpd.start()

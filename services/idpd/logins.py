@@ -241,6 +241,7 @@ class LoginManager:
             "login_id": login.login_id, "username": login.username, "subject": login.subject,
             "address": login.address, "roles": list(login.roles),
             "groups": list(kept.get("groups", []))})
+        engine.reschedule.set()   # its token may expire before the next sync
         result = await engine.push_local(f"login {login.login_id} of {login.username}")
         if result.outcome == idp_pb2.SYNC_OUTCOME_FAILED:
             log.warning("login recorded but not yet pushed", extra={"error": result.error})

@@ -156,7 +156,7 @@ class SyncEngine:
         self.held: Held | None = None
         self.tokens_rejected = 0
         self.lock = asyncio.Lock()
-        self.wake = asyncio.Event()
+        self.reschedule = asyncio.Event()
         self._channel: grpc.aio.Channel | None = None
 
     # -- state ---------------------------------------------------------------------------
@@ -526,11 +526,17 @@ class SyncEngine:
         return max(1.0, delay)
 
     async def run(self) -> None:
-        """Sync forever: at start, then on schedule or when woken."""
+        """Sync forever: at start, then on schedule or when woken (SyncNow does not go
+        through here). A new login only reschedules: its token may expire first."""
+        trigger = "start"
         while True:
-            await self.sync("start" if not self.state.last_sync else "schedule")
-            delay = self.next_delay()
-            self.state.next_sync = time.time() + delay
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), delay)
-            self.wake.clear()
+            await self.sync(trigger)
+            trigger = "schedule"
+            while True:
+                delay = self.next_delay()
+                self.state.next_sync = time.time() + delay
+                self.reschedule.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.reschedule.wait(), delay)
+                    continue
+                break
