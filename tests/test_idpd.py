@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -378,7 +379,9 @@ def test_directory_sync_binds_devices_and_never_applies_a_bad_read(
 def test_mass_deletion_is_held_until_confirmed(stack_factory: Any) -> None:
     data = idp_data()
     data["users"] += devices(20)
-    stack = stack_factory(data, extra=SCIM + "max_delete_share = 0.5\nguard_min_bindings = 10\n")
+    port = free_port()
+    stack = stack_factory(data, extra=SCIM + "max_delete_share = 0.5\nguard_min_bindings = 10\n"
+                          f"metrics_port = {port}\n")
     assert stack.sync().total == 20
     for i in range(3, 21):                       # 18 of 20 devices leave the directory
         stack.idp.delete_user(f"d-{i:04d}")
@@ -400,6 +403,19 @@ def test_mass_deletion_is_held_until_confirmed(stack_factory: Any) -> None:
     assert stack.roles_in_kernel("10.2.0.10") == (codes_pb2.REASON_NO_ROLE, [])
     assert stack.roles_in_kernel("10.2.0.2")[1] == ["printers"]
     assert not stack.status().held_sync_id
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert 'vpnr_idp_syncs_total{result="held"} 1.0' in metrics
+    assert 'vpnr_idp_syncs_total{result="applied"} 2.0' in metrics
+    assert 'vpnr_idp_bindings{origin="directory"} 2.0' in metrics
+    assert "vpnr_idp_sync_duration_seconds_count 3.0" in metrics
+    assert "vpnr_idp_staleness_seconds " in metrics
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _forgeries(issuer: str, key: dict[str, Any]) -> dict[str, Any]:
