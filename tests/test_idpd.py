@@ -511,3 +511,53 @@ def test_tokens_refreshed_before_expiry_and_sealed_at_rest(
     assert "lets others read the token key" in proc.stderr + proc.stdout
     os.chmod(key, 0o600)
     stack.idpd.start()
+
+
+def _vpnctl(stack: Stack, *argv: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [str(BIN / "vpnctl"), "--run-dir", str(stack.idpd.run_dir), "--instance",
+         stack.idpd.instance, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+
+
+def _line_with(proc: subprocess.Popen[str], needle: str) -> str:
+    assert proc.stdout is not None
+    for _ in range(20):
+        line = proc.stdout.readline()
+        if needle in line:
+            return line
+    raise AssertionError(f"vpnctl never printed {needle!r}")
+
+
+def test_vpnctl_idp_login_device_and_pkce(stack_factory: Any) -> None:
+    stack = stack_factory(idp_data())
+    # Device flow: vpnctl prints the URL and code and waits; the user signs in elsewhere.
+    proc = _vpnctl(stack, "idp", "login", "--address", "10.1.3.1", "--timeout", "60")
+    try:
+        line = _line_with(proc, "or open ")
+        approve_device(line.split("or open ", 1)[1].strip(), *ALICE)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "alice" in out and "eng" in out and "10.1.3.1/32" in out
+    # Code + PKCE: vpnctl listens on the loopback redirect and completes the login.
+    proc = _vpnctl(stack, "idp", "login", "--address", "10.1.3.2", "--flow", "pkce",
+                   "--timeout", "60")
+    try:
+        url = _line_with(proc, "Open this URL in a browser: ").split(": ", 1)[1].strip()
+        query = browser_authorize(url, REDIRECT, *BOB)
+        page = httpx.get(REDIRECT, params=query, timeout=10)
+        assert page.status_code == 200 and "Signed in" in page.text
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "bob" in out and "sales" in out
+    table = subprocess.run(
+        [str(BIN / "vpnctl"), "--run-dir", str(stack.idpd.run_dir), "--instance",
+         stack.idpd.instance, "-o", "json", "idp", "bindings"],
+        capture_output=True, text=True, timeout=30, check=True).stdout
+    bound = {b["prefix"]: b["roles"] for b in json.loads(table)}
+    assert bound == {"10.1.3.1/32": ["eng"], "10.1.3.2/32": ["sales"]}
+    assert stack.roles_in_kernel("10.1.3.2")[1] == ["sales"]
