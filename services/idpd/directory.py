@@ -12,6 +12,8 @@ entry (an address that is not an address) is skipped with a warning naming it.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import ipaddress
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from vpnr.idpd.oauth import IdpUnavailable
 
 LIST_RESPONSE = "urn:ietf:params:scim:api:messages:2.0:ListResponse"
 MAX_PAGES = 10_000  # bounds the loop whatever totalResults says
+PARALLEL_PAGES = 4  # pages asked for at once once totalResults is known
 
 GetJson = Callable[[str, dict[str, Any], str], Awaitable[Any]]
 
@@ -32,7 +35,7 @@ class DirectoryEntry:
     id: str
     username: str
     addresses: tuple[str, ...]   # normalized CIDR prefixes
-    claims: dict[str, Any] = field(hash=False, compare=False)
+    claims: dict[str, Any] = field(hash=False)
 
 
 @dataclass
@@ -52,42 +55,75 @@ def _attribute(resource: dict[str, Any], path: str) -> Any:
     return resource.get(path)
 
 
+@functools.lru_cache(maxsize=1 << 17)
 def normalize_address(value: str) -> str:
     """An address or prefix as a strict CIDR; a bare address becomes /32 or /128."""
     net = ipaddress.ip_network(value.strip(), strict=True)
     return str(net)
 
 
-async def _list_all(get: GetJson, url: str, page_size: int, where: str) -> list[dict[str, Any]]:
+async def _list_sequential(get: GetJson, url: str, page_size: int, where: str,
+                           total: int) -> list[dict[str, Any]]:
     resources: list[dict[str, Any]] = []
-    start = 1
-    total: int | None = None
     for _ in range(MAX_PAGES):
-        page = await get(url, {"startIndex": start, "count": page_size}, where)
-        if not isinstance(page, dict) or LIST_RESPONSE not in (page.get("schemas") or []):
-            raise IdpUnavailable(f"{where}: the answer is not a SCIM ListResponse")
-        items = page.get("Resources", [])
-        page_total = page.get("totalResults")
-        if not isinstance(items, list) or isinstance(page_total, bool) \
-                or not isinstance(page_total, int) or page_total < 0:
-            raise IdpUnavailable(f"{where}: ListResponse without totalResults and Resources")
-        if total is None:
-            total = page_total
-        elif page_total != total:
+        items, page_total = _page_items(
+            await get(url, {"startIndex": len(resources) + 1, "count": page_size}, where),
+            where)
+        if page_total != total:
             raise IdpUnavailable(f"{where}: totalResults changed from {total} to {page_total} "
                                  "during the read; retrying later")
-        for item in items:
-            if not isinstance(item, dict) or not isinstance(item.get("id"), str):
-                raise IdpUnavailable(f"{where}: a resource without an id")
         resources.extend(items)
         if len(resources) >= total:
-            break
+            return resources
         if not items:
             raise IdpUnavailable(f"{where}: listing ended after {len(resources)} of {total} "
                                  "resources (an incomplete read is never applied)")
-        start += len(items)
-    else:
+    raise IdpUnavailable(f"{where}: more than {MAX_PAGES} pages")
+
+
+def _page_items(page: Any, where: str) -> tuple[list[dict[str, Any]], int]:
+    """(resources, totalResults) of one ListResponse page, or IdpUnavailable."""
+    if not isinstance(page, dict) or LIST_RESPONSE not in (page.get("schemas") or []):
+        raise IdpUnavailable(f"{where}: the answer is not a SCIM ListResponse")
+    items = page.get("Resources", [])
+    total = page.get("totalResults")
+    if not isinstance(items, list) or isinstance(total, bool) or not isinstance(total, int) \
+            or total < 0:
+        raise IdpUnavailable(f"{where}: ListResponse without totalResults and Resources")
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            raise IdpUnavailable(f"{where}: a resource without an id")
+    return items, total
+
+
+async def _list_all(get: GetJson, url: str, page_size: int, where: str) -> list[dict[str, Any]]:
+    """Every resource of a listing: the first page gives the total, the rest are asked for
+    a few at a time. Any inconsistency fails the whole read."""
+    first, total = _page_items(await get(url, {"startIndex": 1, "count": page_size}, where),
+                               where)
+    size = len(first)
+    resources = list(first)
+    if len(resources) < total and size == 0:
+        raise IdpUnavailable(f"{where}: listing ended after 0 of {total} resources")
+    starts = list(range(1 + size, total + 1, size)) if size else []
+    if len(starts) > MAX_PAGES:
         raise IdpUnavailable(f"{where}: more than {MAX_PAGES} pages")
+    gate = asyncio.Semaphore(PARALLEL_PAGES)
+
+    async def page(start: int) -> list[dict[str, Any]]:
+        async with gate:
+            items, page_total = _page_items(
+                await get(url, {"startIndex": start, "count": page_size}, where), where)
+        if page_total != total:
+            raise IdpUnavailable(f"{where}: totalResults changed from {total} to "
+                                 f"{page_total} during the read; retrying later")
+        return items
+
+    for items in await asyncio.gather(*(page(start) for start in starts)):
+        resources.extend(items)
+    if len(resources) != total:
+        # Pages of varying size (or a short listing): read again, one page after the other.
+        resources = await _list_sequential(get, url, page_size, where, total)
     ids = [r["id"] for r in resources]
     if len(set(ids)) != len(ids):
         raise IdpUnavailable(f"{where}: the same resource appeared twice while paging")

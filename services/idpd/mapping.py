@@ -56,19 +56,30 @@ class RoleMapper:
                   re.compile(r.value) if r.match == "regex" else None)
             for r in rules
         ]
+        self._claims = sorted({r.claim for r in self.rules})
+        self._cache: dict[tuple[tuple[str, ...], ...], tuple[str, ...]] = {}
 
     @property
     def claims(self) -> list[str]:
         """Every claim some rule looks at."""
-        return sorted({r.claim for r in self.rules})
+        return self._claims
 
     def roles(self, claims: Mapping[str, Any]) -> tuple[str, ...]:
-        """Sorted, de-duplicated roles for an identity with ``claims``."""
+        """Sorted, de-duplicated roles for an identity with ``claims`` (memoized on the
+        values of the claims the rules read: directories repeat a few group sets)."""
+        values = {c: claim_values(claims, c) for c in self.claims}
+        key = tuple(tuple(values[c]) for c in self.claims)
+        found = self._cache.get(key)
+        if found is not None:
+            return found
         granted: set[str] = set()
         for rule in self.rules:
-            if any(rule.matches(v) for v in claim_values(claims, rule.claim)):
+            if any(rule.matches(v) for v in values[rule.claim]):
                 granted.update(rule.roles)
-        return tuple(sorted(granted))
+        result = tuple(sorted(granted))
+        if len(self._cache) < 65536:
+            self._cache[key] = result
+        return result
 
     def describe(self) -> list[str]:
         """One human-readable line per rule, e.g. ``groups =~ ^eng- -> eng``."""

@@ -172,7 +172,7 @@ class SyncEngine:
             self.logins[login.login_id] = login
         good = await self.store.get("last_good", {})
         self.bound = {e["prefix"]: entry_from_json(e) for e in good.get("entries", [])}
-        self.state.last_good = float(good.get("at", 0.0))
+        self.state.last_good = float(await self.store.get("last_good_at", 0.0))
         self.state.policy_version = int(good.get("policy_version", 0))
         self.directory = [DirectoryEntry(d["id"], d["username"], tuple(d["addresses"]),
                                          d["claims"])
@@ -417,19 +417,24 @@ class SyncEngine:
                 self.audit("idp.login_ended", True, login.error,
                            {"login_id": login_id, "username": login.username,
                             "address": login.address})
+        directory_changed = plan.directory != self.directory
         self.directory = plan.directory
-        await self._commit(plan.compiled.entries, version, plan.diff, result)
+        await self._commit(plan.compiled.entries, version, plan.diff, result, directory_changed)
 
     async def _commit(self, entries: dict[str, Entry], version: int, change: Diff,
-                      result: idp_pb2.SyncResult) -> None:
+                      result: idp_pb2.SyncResult, directory_changed: bool) -> None:
         self.bound = dict(entries)
         self.state.policy_version = version
-        await self.store.put("last_good", {
-            "at": time.time(), "sync_id": result.sync_id, "policy_version": version,
-            "entries": [entry_json(e) for e in entries.values()]})
-        await self.store.put("directory", [
-            {"id": d.id, "username": d.username, "addresses": list(d.addresses),
-             "claims": d.claims} for d in self.directory])
+        # Rewrite the stored set only when it changed (10,000 entries are ~1 MB of JSON).
+        if not change.empty or not await self.store.get("last_good"):
+            await self.store.put("last_good", {
+                "sync_id": result.sync_id, "policy_version": version,
+                "entries": [entry_json(e) for e in entries.values()]})
+        await self.store.put("last_good_at", time.time())
+        if directory_changed:
+            await self.store.put("directory", [
+                {"id": d.id, "username": d.username, "addresses": list(d.addresses),
+                 "claims": d.claims} for d in self.directory])
         if not change.empty:
             self.audit("idp.bindings_replaced", True, "", {
                 "sync_id": result.sync_id, "policy_version": version,
