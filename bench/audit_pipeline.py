@@ -86,6 +86,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
+import benchstats
 import grpc
 
 from vpnr.core import bpfsys, netns
@@ -131,20 +132,11 @@ def denied_frame() -> bytes:
                                              dst_port=DENIED_PORT))
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0-100) of a non-empty sequence."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
-    return ordered[rank - 1]
-
-
 def latency_summary(ns: Sequence[int]) -> dict[str, float]:
     """p50/p99/max in ms of latencies in ns, and their count."""
     if not ns:
         return {"n": 0}
-    values = [v / 1e6 for v in ns]
-    return {"p50_ms": round(percentile(values, 50), 3), "p99_ms": round(percentile(values, 99), 3),
-            "max_ms": round(max(values), 3), "n": len(values)}
+    return benchstats.summary_ms(ns, scale=1e-6)
 
 
 # -- the generator process ----------------------------------------------------------------

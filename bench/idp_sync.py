@@ -56,6 +56,7 @@ from typing import Any
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import benchstats
 from idp_server import RunningIdp, running_idp
 
 from vpnr.core.client import is_serving, socket_target
@@ -90,19 +91,9 @@ class BenchError(Exception):
     """A sync failed, or the kernel did not show what the sync should have bound."""
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0-100)."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
-    return ordered[rank - 1]
-
-
 def summary_ms(values: Sequence[float]) -> dict[str, float]:
     """p50/p90/p99/max in milliseconds of durations in seconds."""
-    return {"p50_ms": round(percentile(values, 50) * 1e3, 1),
-            "p90_ms": round(percentile(values, 90) * 1e3, 1),
-            "p99_ms": round(percentile(values, 99) * 1e3, 1),
-            "max_ms": round(max(values) * 1e3, 1), "n": len(values)}
+    return benchstats.summary_ms(values, digits=1, quantiles=(50, 90, 99))
 
 
 # -- the directory -----------------------------------------------------------------------

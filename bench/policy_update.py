@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import benchstats
 import grpc
 from xdp_decision import (
     PolicydUnderTest,
@@ -74,18 +75,9 @@ class BenchError(Exception):
     """The kernel did not reach the expected decision, or policyd refused a change."""
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0-100)."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
-    return ordered[rank - 1]
-
-
 def summary_ms(values: Sequence[float]) -> dict[str, float]:
     """p50/p99/max in milliseconds of durations in seconds."""
-    return {"p50_ms": round(percentile(values, 50) * 1e3, 3),
-            "p99_ms": round(percentile(values, 99) * 1e3, 3),
-            "max_ms": round(max(values) * 1e3, 3), "n": len(values)}
+    return benchstats.summary_ms(values)
 
 
 def sched_ns(pid: int) -> tuple[int, int]:
