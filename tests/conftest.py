@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -17,7 +18,7 @@ import pytest
 
 from vpnr.core.client import is_serving
 from vpnr.lab.lab import Lab
-from vpnr.lab.topology import LabSpec
+from vpnr.lab.topology import LabSpec, Site
 from vpnr.v1 import policy_pb2_grpc
 
 BIN = Path(sys.executable).parent
@@ -206,3 +207,20 @@ def ns_exec(ns: str, *argv: str, timeout: float = 20) -> subprocess.CompletedPro
 def ns_ping(ns: str, dst: str, count: int = 1) -> bool:
     """Do echo requests from namespace ``ns`` get answers?"""
     return ns_exec(ns, "ping", "-c", str(count), "-i", "0.2", "-W", "1", dst).returncode == 0
+
+
+NETPROBE = str(Path(__file__).with_name("netprobe.py"))
+
+
+@contextlib.contextmanager
+def router_echo(site: Site) -> Iterator[Site]:
+    """netprobe's echo servers on ``site``'s router LAN addresses while the block runs."""
+    proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{site.router_ns}", sys.executable,
+                             NETPROBE, "serve", site.router_lan_v4, site.router_lan_v6],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "READY"
+        yield site
+    finally:
+        proc.kill()
+        proc.wait(10)

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,7 +22,7 @@ import httpx
 import pytest
 from idp_server import approve_device
 
-from conftest import ns_ping
+from conftest import NETPROBE, ns_ping, router_echo
 from vpnr.core import netns
 from vpnr.core.client import socket_target
 from vpnr.lab.lab import Lab
@@ -41,7 +40,6 @@ from vpnr.v1 import (
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 
-NETPROBE = str(Path(__file__).with_name("netprobe.py"))
 CAROL = ("u-carol", "carol", "carol-lab-password")   # groups ["eng"] in lab-data.json
 PRINTER_A = "d-printer-a"
 FIRST_SYNC_TIMEOUT = 30.0
@@ -147,16 +145,8 @@ def log_tail(lab: Lab, site: Site, daemon: str = "idpd", limit: int = 3000) -> s
 @pytest.fixture(scope="module")
 def echo(lab: Lab) -> Iterator[Site]:
     """Echo servers on site A's router LAN addresses, stopped after the module."""
-    site = lab.spec.site("a")
-    proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{site.router_ns}", sys.executable,
-                             NETPROBE, "serve", site.router_lan_v4, site.router_lan_v6],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "READY"
+    with router_echo(lab.spec.site("a")) as site:
         yield site
-    finally:
-        proc.kill()
-        proc.wait(10)
 
 
 # -- tests ---------------------------------------------------------------------------------

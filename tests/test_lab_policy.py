@@ -14,12 +14,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
 
-from conftest import ns_exec, ns_ping
+from conftest import NETPROBE, ns_exec, ns_ping, router_echo
 from vpnr.core.client import socket_target
 from vpnr.lab.lab import Lab
 from vpnr.lab.topology import Site
@@ -27,7 +26,6 @@ from vpnr.v1 import audit_pb2, audit_pb2_grpc, codes_pb2, common_pb2, policy_pb2
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 
-NETPROBE = str(Path(__file__).with_name("netprobe.py"))
 
 
 def in_ns(ns: str, *argv: str, timeout: float = 20) -> str:
@@ -49,16 +47,8 @@ def ping(site: Site, host: int, dst: str) -> bool:
 @pytest.fixture(scope="module")
 def servers(lab: Lab) -> Iterator[Site]:
     """Echo servers in site A's router namespace, stopped after the module."""
-    site = lab.spec.site("a")
-    proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{site.router_ns}", sys.executable,
-                             NETPROBE, "serve", site.router_lan_v4, site.router_lan_v6],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "READY"
+    with router_echo(lab.spec.site("a")) as site:
         yield site
-    finally:
-        proc.kill()
-        proc.wait(10)
 
 
 @pytest.fixture

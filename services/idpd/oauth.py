@@ -189,20 +189,8 @@ class IdpClient:
 
     async def userinfo(self, access_token: str) -> dict[str, Any]:
         """OIDC Core 5.3: the user's current claims; 401/403 mean the login is over."""
-        url = self.endpoint("userinfo_endpoint")
-        try:
-            headers = {"Authorization": f"Bearer {access_token}", "Accept": "application/json"}
-            resp = await self._oauth.request("GET", url, headers=headers, withhold_token=True)
-        except httpx.HTTPError as exc:
-            raise IdpUnavailable(f"userinfo: {type(exc).__name__}: {exc}") from None
-        if resp.status_code in (401, 403):
-            raise IdpRefused("invalid_token", f"userinfo answered HTTP {resp.status_code}")
-        if resp.status_code != 200:
-            raise IdpUnavailable(f"userinfo answered HTTP {resp.status_code}")
-        try:
-            doc = resp.json()
-        except ValueError:
-            raise IdpUnavailable("userinfo did not answer JSON") from None
+        doc = await self.get_json(self.endpoint("userinfo_endpoint"), access_token, {},
+                                  "userinfo", accept="application/json")
         if not isinstance(doc, dict) or not isinstance(doc.get("sub"), str):
             raise IdpUnavailable("userinfo answer is not an object with a sub")
         return doc
@@ -217,14 +205,14 @@ class IdpClient:
         except (httpx.HTTPError, OAuthError):
             return
 
-    async def get_json(self, url: str, bearer: str, params: Mapping[str, Any],
-                       where: str) -> Any:
-        """GET a JSON resource with a bearer token (SCIM)."""
+    async def get_json(self, url: str, bearer: str, params: Mapping[str, Any], where: str,
+                       accept: str = "application/scim+json, application/json") -> Any:
+        """GET a JSON resource with a bearer token (userinfo, SCIM); 401/403 are a
+        refusal."""
+        headers = {"Authorization": f"Bearer {bearer}", "Accept": accept}
         try:
-            resp = await self._oauth.request("GET", url, params=dict(params), withhold_token=True,
-                                         headers={"Authorization": f"Bearer {bearer}",
-                                                  "Accept": "application/scim+json, "
-                                                            "application/json"})
+            resp = await self._oauth.request("GET", url, params=dict(params), headers=headers,
+                                             withhold_token=True)
         except httpx.HTTPError as exc:
             raise IdpUnavailable(f"{where}: {type(exc).__name__}: {exc}") from None
         if resp.status_code in (401, 403):
