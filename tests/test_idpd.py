@@ -351,6 +351,13 @@ def test_directory_sync_binds_devices_and_never_applies_a_bad_read(
                           "active": False, "groups": ["printers"],
                           "ip_addresses": ["10.2.99.1"]})
     stack = stack_factory(data, extra=SCIM)
+    probe = stack.stub.TestConnection(idp_pb2.TestConnectionRequest(), timeout=30)
+    assert (probe.discovery_ok, probe.jwks_ok, probe.token_ok, probe.scim_ok) == \
+        (True, True, True, True), probe.errors
+    cli = subprocess.run([str(BIN / "vpnctl"), "--run-dir", str(stack.idpd.run_dir),
+                          "--instance", stack.idpd.instance, "idp", "test-connection"],
+                         capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
     first = stack.sync()
     assert first.outcome in (idp_pb2.SYNC_OUTCOME_APPLIED, idp_pb2.SYNC_OUTCOME_UNCHANGED)
     assert first.total == 3, first
@@ -371,6 +378,11 @@ def test_directory_sync_binds_devices_and_never_applies_a_bad_read(
         assert stack.policyd.stub.GetPolicy(policy_pb2.GetPolicyRequest(),
                                             timeout=10).version == version
         assert stack.roles_in_kernel("10.2.0.2")[1] == ["printers"]
+        if fault == "http500":
+            cli = subprocess.run([str(BIN / "vpnctl"), "--run-dir", str(stack.idpd.run_dir),
+                                  "--instance", stack.idpd.instance, "idp", "test-connection"],
+                                 capture_output=True, text=True, timeout=60)
+            assert cli.returncode == 1 and "scim" in cli.stdout + cli.stderr
     stack.idp.set_fault("none")
     assert stack.sync().outcome == idp_pb2.SYNC_OUTCOME_UNCHANGED
     assert not stack.status().stale
