@@ -173,6 +173,7 @@ def running_idp(
     port: int | None = None,
     keys: Path | None = None,
     issuer: str | None = None,
+    access_token_ttl: int | None = None,
 ) -> Iterator[RunningIdp]:
     """Start the lab IdP with ``data`` (users/clients) and stop it on exit.
 
@@ -206,6 +207,8 @@ def running_idp(
         argv += ["--keys", str(keys)]
     if issuer is not None:  # e.g. a proxy in front of the IdP
         argv += ["--issuer", issuer]
+    if access_token_ttl is not None:
+        argv += ["--access-token-ttl", str(access_token_ttl)]
     env = dict(os.environ)
     env["VPNR_IDP_ADMIN_TOKEN"] = admin_token  # kept out of argv (ps)
 

@@ -173,11 +173,13 @@ def stack_factory(tmp_path: Path, netns: str, instance: str) -> Iterator[Any]:
     proxies: list[TokenProxy] = []
 
     def make(data: dict[str, Any], extra: str = "", keys: Path | None = None,
-             proxy: TokenProxy | None = None, auditd: bool = False) -> Stack:
+             proxy: TokenProxy | None = None, auditd: bool = False,
+             access_token_ttl: int | None = None) -> Stack:
         if proxy is not None:
             proxies.append(proxy)
         idp_cm = running_idp(tmp_path / "idp", data, keys=keys,
-                             issuer=proxy.url if proxy else None)
+                             issuer=proxy.url if proxy else None,
+                             access_token_ttl=access_token_ttl)
         idp = idp_cm.__enter__()
         if proxy is not None:
             proxy.upstream = f"http://127.0.0.1:{idp.port}"
@@ -490,9 +492,10 @@ def test_forged_id_tokens_are_rejected_and_audited(stack_factory: Any, tmp_path:
 
 
 def test_tokens_refreshed_before_expiry_and_sealed_at_rest(
-        stack_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("VPNR_IDP_ACCESS_TOKEN_TTL", "8")   # the IdP's access token lifetime
-    stack = stack_factory(idp_data(), extra="refresh_margin_seconds = 5.0\n")
+        stack_factory: Any, tmp_path: Path) -> None:
+    # The IdP's access tokens live 8 s; idpd refreshes them 5 s before they expire.
+    stack = stack_factory(idp_data(), extra="refresh_margin_seconds = 5.0\n",
+                          access_token_ttl=8)
     login = pkce_login(stack, "10.1.2.1", BOB)
     assert login.state == idp_pb2.LOGIN_STATE_ACTIVE, login.error
     first_expiry = login.access_expires_at.seconds
