@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, NoReturn
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import grpc
 
+from vpnr.core import paging
 from vpnr.core.daemon import Context, unix_timestamp
 from vpnr.idpd.compile import Entry
 from vpnr.idpd.discovery import DiscoveryState, refresh
@@ -19,8 +21,7 @@ from vpnr.v1 import common_pb2, idp_pb2, idp_pb2_grpc
 if TYPE_CHECKING:
     from vpnr.idpd.main import Idpd
 
-DEFAULT_PAGE = 100
-MAX_PAGE = 1000
+T = TypeVar("T")
 WAIT_MARGIN = 0.5  # answer this long before the caller's deadline
 
 
@@ -51,20 +52,12 @@ def binding_message(entry: Entry) -> idp_pb2.IdpBinding:
                               username=entry.username, groups=list(entry.groups))
 
 
-async def _page(context: Context, page: common_pb2.PageRequest, total: int
-                ) -> tuple[int, int, common_pb2.PageResponse]:
-    size = page.page_size or DEFAULT_PAGE
-    if size > MAX_PAGE:
-        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                     f"page.page_size: at most {MAX_PAGE}, got {size}")
-    offset = 0
-    if page.page_token:
-        if not page.page_token.isdigit():
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                         f"page.page_token: not a token this server issued: {page.page_token!r}")
-        offset = int(page.page_token)
-    token = str(offset + size) if offset + size < total else ""
-    return offset, size, common_pb2.PageResponse(next_page_token=token, total_size=total)
+async def _page(context: Context, items: Sequence[T], page: common_pb2.PageRequest
+                ) -> tuple[Sequence[T], common_pb2.PageResponse]:
+    try:
+        return paging.page_of(items, page)
+    except paging.PageError as exc:
+        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
 
 class IdpServicer(idp_pb2_grpc.IdpServiceServicer):
@@ -236,9 +229,8 @@ class IdpServicer(idp_pb2_grpc.IdpServiceServicer):
         if self.app.engine is not None:
             logins += [x for x in self.app.engine.logins.values() if request.all or x.active]
         logins.sort(key=lambda x: x.created_at)
-        offset, size, page = await _page(context, request.page, len(logins))
-        return idp_pb2.ListLoginsResponse(
-            logins=[login_message(x) for x in logins[offset:offset + size]], page=page)
+        chunk, page = await _page(context, logins, request.page)
+        return idp_pb2.ListLoginsResponse(logins=[login_message(x) for x in chunk], page=page)
 
     async def Logout(self, request: idp_pb2.LogoutRequest,
                      context: Context) -> idp_pb2.LogoutResponse:
@@ -260,6 +252,6 @@ class IdpServicer(idp_pb2_grpc.IdpServiceServicer):
                            context: Context) -> idp_pb2.ListIdpBindingsResponse:
         entries = sorted(self.app.engine.bound.values(), key=lambda e: e.prefix) \
             if self.app.engine is not None else []
-        offset, size, page = await _page(context, request.page, len(entries))
-        return idp_pb2.ListIdpBindingsResponse(
-            bindings=[binding_message(e) for e in entries[offset:offset + size]], page=page)
+        chunk, page = await _page(context, entries, request.page)
+        return idp_pb2.ListIdpBindingsResponse(bindings=[binding_message(e) for e in chunk],
+                                               page=page)

@@ -8,8 +8,6 @@ policy does not fit the kernel maps. A failed request changes nothing.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import ipaddress
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -17,6 +15,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
+from vpnr.core import paging
 from vpnr.core.daemon import Context, unix_timestamp
 from vpnr.policyd import convert, testrun
 from vpnr.policyd.engine import (
@@ -39,8 +38,6 @@ if TYPE_CHECKING:
     from vpnr.policyd.engine import PolicyEngine
     from vpnr.policyd.main import Policyd
 
-DEFAULT_PAGE = 100
-MAX_PAGE = 1000
 SNAPSHOT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 PROTOCOL_NUMBERS: dict[int, int] = {codes_pb2.PROTOCOL_TCP: 6, codes_pb2.PROTOCOL_UDP: 17,
                     codes_pb2.PROTOCOL_ICMP: 1, codes_pb2.PROTOCOL_ICMPV6: 58,
@@ -71,30 +68,19 @@ async def guarded(context: Context, call: Callable[[], Awaitable[T]]) -> T:
 
 def page_bounds(page: common_pb2.PageRequest, where: str = "page") -> tuple[int, int]:
     """(offset, size) from a PageRequest; the token is an opaque offset."""
-    size = page.page_size or DEFAULT_PAGE
-    if size > MAX_PAGE:
-        raise PolicyError(f"{where}.page_size", f"at most {MAX_PAGE}, got {size}")
-    if not page.page_token:
-        return 0, size
     try:
-        offset = int(base64.urlsafe_b64decode(page.page_token.encode()).decode())
-    except (binascii.Error, ValueError, UnicodeDecodeError):
-        raise PolicyError(f"{where}.page_token", "not a token from a previous response") \
-            from None
-    if offset < 0:
-        raise PolicyError(f"{where}.page_token", "not a token from a previous response")
-    return offset, size
+        return paging.page_bounds(page, where)
+    except paging.PageError as exc:
+        raise PolicyError(exc.field, exc.problem) from None
 
 
 def page_of(items: Sequence[T], page: common_pb2.PageRequest
             ) -> tuple[Sequence[T], common_pb2.PageResponse]:
     """One page of ``items`` and the response's paging fields."""
-    offset, size = page_bounds(page)
-    chunk = items[offset:offset + size]
-    token = ""
-    if offset + size < len(items):
-        token = base64.urlsafe_b64encode(str(offset + size).encode()).decode()
-    return chunk, common_pb2.PageResponse(next_page_token=token, total_size=len(items))
+    try:
+        return paging.page_of(items, page)
+    except paging.PageError as exc:
+        raise PolicyError(exc.field, exc.problem) from None
 
 
 def _role_name(where: str, name: str) -> str:
@@ -494,12 +480,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             rows = await store.list_snapshots(0, offset + size + 1)
             chunk = rows[offset:offset + size]
             total = await store.count_snapshots()
-            token = ""
-            if offset + size < total:
-                token = base64.urlsafe_b64encode(str(offset + size).encode()).decode()
             return policy_pb2.ListSnapshotsResponse(
                 snapshots=[_snapshot(r) for r in chunk],
-                page=common_pb2.PageResponse(next_page_token=token, total_size=total))
+                page=paging.page_response(offset, size, total))
         return await guarded(context, call)
 
     async def _snapshot_policy(self, snapshot_id: int, where: str) -> tuple[Policy, int]:
