@@ -47,14 +47,22 @@ static __always_inline struct vpnr_iface *vpnr_iface_get(__u32 ifindex)
 	return iface_zones.lookup(&ifindex);
 }
 
+/* The binding tries are inner maps (see maps.h): one lookup for the trie in force, one in
+ * it. No trie yet (policyd has not written one) reads as "no binding": default deny. */
 static __always_inline struct vpnr_binding *vpnr_binding4(struct vpnr_lpm4_key *key)
 {
-	return src4_bindings.lookup(key);
+	int zero = 0;
+	void *trie = src4_bindings.lookup(&zero);
+
+	return trie ? bpf_map_lookup_elem(trie, key) : NULL;
 }
 
 static __always_inline struct vpnr_binding *vpnr_binding6(struct vpnr_lpm6_key *key)
 {
-	return src6_bindings.lookup(key);
+	int zero = 0;
+	void *trie = src6_bindings.lookup(&zero);
+
+	return trie ? bpf_map_lookup_elem(trie, key) : NULL;
 }
 
 static __always_inline __u32 *vpnr_zone4(struct vpnr_lpm4_key *key)

@@ -18,7 +18,7 @@ packages=(
 	python3 python3-venv python3-dev python3-bpfcc bpfcc-tools libbpf1 bpftool
 	clang llvm gcc make linux-headers-amd64
 	iproute2 iputils-ping ethtool tcpdump iperf3 nftables util-linux passwd procps
-	nodejs npm curl ca-certificates wireguard-go wireguard-tools
+	nodejs npm curl ca-certificates wireguard-go wireguard-tools zsh fish prometheus
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -32,7 +32,22 @@ read -r -a missing <<<"${missing[*]}"
 if [ "${#missing[@]}" -gt 0 ]; then
 	log "installing Debian packages: ${missing[*]}"
 	apt-get update -q
+	# prometheus is here for promtool only: its postinst would start a Prometheus server.
+	# A policy-rc.d refuses that one start (and defers to the host's own for the rest).
+	policy=/usr/sbin/policy-rc.d saved=""
+	if [ -e "$policy" ]; then saved=$(mktemp); cp -p "$policy" "$saved"; fi
+	restore_policy() { if [ -n "$saved" ]; then mv -f "$saved" "$policy"; else rm -f "$policy"; fi; }
+	trap restore_policy EXIT
+	printf '#!/bin/sh\ncase "$1" in prometheus|prometheus.service) exit 101 ;; esac\n%s\nexit 0\n' \
+		"${saved:+exec sh $saved \"\$@\"}" >"$policy"
+	chmod 0755 "$policy"
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+	restore_policy; trap - EXIT
+	if [[ " ${missing[*]} " == *" prometheus "* ]]; then
+		# Nor at boot: the package enabled the service.
+		systemctl disable prometheus.service >/dev/null 2>&1 || true
+		update-rc.d prometheus disable >/dev/null 2>&1 || true
+	fi
 fi
 
 # bcc compiles against /lib/modules/$(uname -r)/build. This kernel is not Debian's, so point
@@ -55,6 +70,8 @@ fi
 [ -e /sys/kernel/btf/vmlinux ] || echo "warning: /sys/kernel/btf/vmlinux missing: no BTF" >&2
 
 getent group vpnr-admin >/dev/null || { log "creating group vpnr-admin"; groupadd --system vpnr-admin; }
+getent group vpnr-viewer >/dev/null || { log "creating group vpnr-viewer"; groupadd --system vpnr-viewer; }
+getent passwd vpnr-idpd >/dev/null || { log "creating user vpnr-idpd"; useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin vpnr-idpd; }
 install -d -m 0755 /run/vpnr /var/lib/vpnr
 
 # bcc is only packaged for Debian's interpreter: build the venv from it, seeing its packages.

@@ -55,6 +55,7 @@ class DaemonProcess:
     netns: str | None = None
     proc: subprocess.Popen[bytes] | None = None
     log: Path = Path("/dev/null")
+    env: dict[str, str] | None = None  # extra environment variables
 
     @property
     def socket(self) -> Path:
@@ -71,7 +72,8 @@ class DaemonProcess:
         self.log = self.run_dir.parent / f"{self.name}-{self.instance}.log"
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+            env = {**os.environ, **self.env} if self.env else None
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
             if self.socket.exists() and is_serving(self.socket):

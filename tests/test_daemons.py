@@ -52,9 +52,12 @@ def test_daemon_lifecycle(daemon: str, tmp_path: Path, netns: str, instance: str
     proc = DaemonProcess(daemon, config, tmp_path / "run", instance, netns=netns).start()
     service, stub_cls, request_cls = SERVICES[daemon]
     try:
-        # Socket and directory modes: root and the admin group only.
+        # Socket modes: root and the admin group only (the viewer socket: the viewer
+        # group); anyone may enter the directory, the socket files carry the protection.
         assert stat.S_IMODE(proc.socket.stat().st_mode) == 0o660
-        assert stat.S_IMODE(proc.socket.parent.stat().st_mode) == 0o750
+        viewer = proc.socket.with_name(f"{daemon}-viewer.sock")
+        assert stat.S_IMODE(viewer.stat().st_mode) == 0o660
+        assert stat.S_IMODE(proc.socket.parent.stat().st_mode) & 0o005 == 0o005
         with grpc.insecure_channel(socket_target(proc.socket)) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             for name in ("", service):

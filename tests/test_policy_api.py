@@ -19,6 +19,7 @@ import pytest
 from conftest import DaemonProcess, RunningPolicyd
 from vpnr.core import bpfsys
 from vpnr.policyd import layout
+from vpnr.policyd.kernel import open_binding_trie
 from vpnr.v1 import audit_pb2, audit_pb2_grpc, codes_pb2, common_pb2, policy_pb2, policy_pb2_grpc
 
 pytestmark = pytest.mark.root
@@ -199,7 +200,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> floa
 
 def kernel_bindings(running: RunningPolicyd) -> dict[int, int]:
     """IPv4 binding entries per slot, read from the pinned LPM trie itself."""
-    fd = bpfsys.obj_get(str(running.pin_dir / "src4_bindings"))
+    fd = open_binding_trie(running.pin_dir, "src4_bindings")
     try:
         keys = list(bpfsys.map_keys(fd, layout.LPM4_KEY.size))
     finally:

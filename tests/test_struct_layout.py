@@ -87,6 +87,7 @@ PROLOGUE = """\
 #define __always_inline inline
 #define BPF_TABLE_PINNED(...)
 #define BPF_TABLE(...)
+#define BPF_F_TABLE(...)
 #define BPF_ARRAY(...)
 #define BPF_PROG_ARRAY(...)
 #define BPF_PERCPU_ARRAY(...)

@@ -229,11 +229,11 @@ def test_call_record_returns_an_id(router: Router, capsys: pytest.CaptureFixture
     assert int(out.split()[1]) > first
 
 
-def test_call_server_error_shows_code_and_exits_1(
+def test_call_server_error_shows_code_and_exits_with_its_code(
         router: Router, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = vpnctl(router, capsys, "call", "vpnr.v1.AuditService/Record",
                             "-d", '{"event":{"daemon":"test"}}')
-    assert code == 1
+    assert code == 2  # INVALID_ARGUMENT exits like a usage error
     assert out == ""
     assert err == ("error: INVALID_ARGUMENT: event.daemon and event.action are required\n")
 
@@ -293,7 +293,7 @@ def test_call_server_streaming_prints_each_message(
     # Watch sends the current status and then waits: the deadline ends the stream.
     code, out, err = vpnctl(router, capsys, "call", "grpc.health.v1.Health/Watch",
                             "--daemon", "auditd", "--timeout", "2", "-o", "yaml")
-    assert code == 1
+    assert code == 7  # DEADLINE_EXCEEDED
     assert list(yaml.safe_load_all(out)) == [{"status": "SERVING"}]
     assert err.startswith("error: DEADLINE_EXCEEDED")
 
@@ -301,7 +301,7 @@ def test_call_server_streaming_prints_each_message(
 def test_call_down_daemon_names_the_socket(
         router: Router, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = vpnctl(router, capsys, "call", "PolicyService/Status")
-    assert code == 1
+    assert code == 3  # daemon unreachable
     assert err == f"error: cannot reach policyd at {router.socket('policyd')}: no socket\n"
 
 
@@ -366,7 +366,7 @@ def test_console_script_and_permission_denied(router: Router) -> None:
     script = str(BIN / "vpnctl")
     done = subprocess.run([script, *router.argv("call", "AuditService/Record", "-d", "{}")],
                           capture_output=True, text=True, timeout=30)
-    assert done.returncode == 1
+    assert done.returncode == 2  # INVALID_ARGUMENT exits like a usage error
     assert "INVALID_ARGUMENT" in done.stderr
     done = subprocess.run([script, *router.argv("status", "-o", "json")],
                           capture_output=True, text=True, timeout=30,

@@ -150,7 +150,7 @@ def test_no_wait_with_pkce_is_a_usage_error_before_any_rpc(
 def test_down_idpd_names_the_socket(argv: list[str], tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = vpnctl(tmp_path, capsys, "idp", *argv)
-    assert (code, out) == (1, "")
+    assert (code, out) == (3, "")  # 3: daemon unreachable
     socket_file = tmp_path / "run" / "nosuch" / "idpd.sock"
     assert err == f"error: cannot reach idpd at {socket_file}: no socket\n"
 
@@ -164,7 +164,7 @@ def test_stale_idpd_socket_as_a_console_script(tmp_path: Path) -> None:
     done = subprocess.run([str(VPNCTL), "--run-dir", str(tmp_path / "run"), "--instance", "b",
                            "idp", "login", "--address", "10.1.0.10"],
                           capture_output=True, text=True, timeout=30, check=False)
-    assert (done.returncode, done.stdout) == (1, "")
+    assert (done.returncode, done.stdout) == (3, "")  # 3: daemon unreachable
     assert done.stderr == (f"error: cannot reach idpd at {path}: "
                            "unavailable (stale socket: nobody is listening)\n")
 

@@ -328,7 +328,7 @@ def test_down_policyd_names_the_socket(tmp_path: Path,
     socket = tmp_path / "run" / "nosuch" / "policyd.sock"
     for argv in (["policy", "show"], ["role", "list"], ["snapshot", "list"]):
         code, out, err = vpnctl(router, capsys, *argv)
-        assert (code, out) == (1, "")
+        assert (code, out) == (3, "")  # 3: daemon unreachable
         assert err == f"error: cannot reach policyd at {socket}: no socket\n"
 
 
@@ -390,7 +390,7 @@ def test_import_with_expected_version_is_compare_and_set(
     version = imported(policyd, capsys, policy_file)
     code, out, err = vpnctl(policyd, capsys, "policy", "import", str(policy_file),
                             "--expected-version", str(version + 100))
-    assert (code, out) == (1, "")
+    assert (code, out) == (5, "")  # 5: conflict
     assert err.startswith("error: FAILED_PRECONDITION")
     assert vpnctl_json(policyd, capsys, "policy", "show")["version"] == version
     reply = vpnctl_json(policyd, capsys, "policy", "import", str(policy_file),
@@ -490,16 +490,16 @@ def test_roles_create_get_list_delete(policyd: Router,
     got = vpnctl_json(policyd, capsys, "role", "get", "ops")
     assert got["name"] == "ops"
     code, out, err = vpnctl(policyd, capsys, "role", "create", "ops")
-    assert code == 1
+    assert code == 5  # conflict
     assert err.startswith("error: ALREADY_EXISTS")
     code, out, _ = vpnctl(policyd, capsys, "role", "delete", "ops")
     assert code == 0
     assert out.startswith("deleted role ops (policy version ")
     code, _, err = vpnctl(policyd, capsys, "role", "get", "ops")
-    assert code == 1
+    assert code == 4  # NOT_FOUND
     assert err.startswith("error: NOT_FOUND")
     code, _, err = vpnctl(policyd, capsys, "role", "create", "Not A Name")
-    assert code == 1
+    assert code == 2  # INVALID_ARGUMENT: usage
     assert err.startswith("error: INVALID_ARGUMENT")
 
 
@@ -540,7 +540,7 @@ def test_rules_and_bindings_change_the_live_decision(
     assert code == 0
     assert decide("23") == ("deny", "no_role", None)
     code, _, err = vpnctl(policyd, capsys, "rule", "delete", "77")
-    assert code == 1
+    assert code == 4  # NOT_FOUND
     assert err.startswith("error: NOT_FOUND")
 
 
@@ -615,5 +615,5 @@ def test_snapshots_create_diff_restore_delete(
     listed = vpnctl_json(policyd, capsys, "snapshot", "list")
     assert snapshot["id"] not in [s["id"] for s in listed]
     code, _, err = vpnctl(policyd, capsys, "snapshot", "restore", str(snapshot["id"]))
-    assert code == 1
+    assert code == 4  # NOT_FOUND
     assert err.startswith("error: NOT_FOUND")

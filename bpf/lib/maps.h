@@ -183,10 +183,19 @@ BPF_TABLE_PINNED("array", __u32, struct vpnr_config, vpnr_config, 1, VPNR_PIN(vp
 /* An array indexed by ifindex, not a hash: one of the per-packet lookups, ~17 ns cheaper. */
 BPF_TABLE_PINNED("array", __u32, struct vpnr_iface, iface_zones, VPNR_MAX_IFINDEX,
 		 VPNR_PIN(iface_zones));
-BPF_TABLE_PINNED("lpm_trie", struct vpnr_lpm4_key, struct vpnr_binding, src4_bindings,
-		 2 * VPNR_MAX_BINDINGS, VPNR_PIN(src4_bindings), BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("lpm_trie", struct vpnr_lpm6_key, struct vpnr_binding, src6_bindings,
-		 2 * VPNR_MAX_BINDINGS, VPNR_PIN(src6_bindings), BPF_F_NO_PREALLOC);
+/* Source bindings grow with the IdP: each family's LPM trie sits in slot 0 of a pinned
+ * one-element array of maps. policyd creates the trie at the size it needs, and when it
+ * passes 80% full creates a larger one, copies every entry and swaps the outer element: one
+ * pointer store, so a packet looks up the old trie or the new one, both complete. The
+ * templates below only give the verifier the inner maps' key and value shapes. */
+BPF_F_TABLE("lpm_trie", struct vpnr_lpm4_key, struct vpnr_binding, src4_bindings_shape, 1,
+	    BPF_F_NO_PREALLOC);
+BPF_F_TABLE("lpm_trie", struct vpnr_lpm6_key, struct vpnr_binding, src6_bindings_shape, 1,
+	    BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("array_of_maps$src4_bindings_shape", int, int, src4_bindings, 1,
+		 VPNR_PIN(src4_bindings));
+BPF_TABLE_PINNED("array_of_maps$src6_bindings_shape", int, int, src6_bindings, 1,
+		 VPNR_PIN(src6_bindings));
 BPF_TABLE_PINNED("lpm_trie", struct vpnr_lpm4_key, __u32, dst4_zones, VPNR_MAX_ZONES,
 		 VPNR_PIN(dst4_zones), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lpm_trie", struct vpnr_lpm6_key, __u32, dst6_zones, VPNR_MAX_ZONES,

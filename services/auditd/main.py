@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -19,11 +20,11 @@ from vpnr.auditd.follow import FollowHub
 from vpnr.auditd.ingest import Decoder, RoleNames
 from vpnr.auditd.jsonfile import JsonLinesSink
 from vpnr.auditd.pipeline import Pipeline
-from vpnr.auditd.service import AuditServicer
+from vpnr.auditd.service import AuditServicer, control_fields
 from vpnr.auditd.sinks import Sink
 from vpnr.auditd.store import AuditStore, StoreError
 from vpnr.auditd.syslog import SyslogSink
-from vpnr.core import bpfsys
+from vpnr.core import bpfsys, preflight
 from vpnr.core.daemon import DaemonApp, StartupError, run_daemon
 from vpnr.policyd import layout
 from vpnr.v1 import audit_pb2, audit_pb2_grpc, common_pb2
@@ -74,6 +75,7 @@ class Auditd(DaemonApp):
     sinks: list[Sink]
     kernel: KernelCounters
     _retention: asyncio.Task[None] | None = None
+    _own_records: set[asyncio.Task[None]]
 
     def state_file(self, name: str) -> Path:
         """A configured path; relative ones are under the state directory."""
@@ -82,6 +84,7 @@ class Auditd(DaemonApp):
 
     async def start(self) -> None:
         """Open the store, learn role names, start the sinks and the drain."""
+        preflight.require(self.name, ("kernel", "bpf", "bpffs"))
         cfg = self.config.auditd
         try:
             self.store = await AuditStore.open(
@@ -92,6 +95,7 @@ class Auditd(DaemonApp):
         router = self.config.router
         self.formatter = R.Formatter(router.instance, self.store.rolesets)
         self.hub = FollowHub()
+        self._own_records = set()
         self.roles = RoleNames(router.socket_path("policyd"))
         await self.roles.catch_up(timeout=STARTUP_NAMES_TIMEOUT)
         self.sinks = []
@@ -142,6 +146,22 @@ class Auditd(DaemonApp):
     def register(self, server: grpc.aio.Server) -> None:
         """Add the AuditService servicer."""
         audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(self), server)
+
+    def control_recorder(self) -> Callable[[audit_pb2.ControlEvent], None]:
+        """auditd's own control records (access denials) go straight into the pipeline."""
+        return self._record_own
+
+    def _record_own(self, event: audit_pb2.ControlEvent) -> None:
+        async def store() -> None:
+            try:
+                await self.pipeline.record_control(
+                    control_fields(event, json.loads(event.detail_json or "{}")))
+            except StoreError as exc:
+                log.warning("own control record not stored",
+                            extra={"action": event.action, "error": str(exc)})
+        task = asyncio.get_running_loop().create_task(store())
+        self._own_records.add(task)
+        task.add_done_callback(self._own_records.discard)
 
     # -- figures ----------------------------------------------------------------------
 
@@ -231,13 +251,15 @@ class AuditCollector(Collector):
         yield GaugeMetricFamily("vpnr_audit_disk_bytes", "Bytes used by the store",
                                 value=app.store.disk_bytes())
         latency = sorted(pipe.sqlite.latency_ns)
+        # A gauge per percentile of a sliding window (the last 4096 records), not a
+        # summary: "quantile" is reserved for summaries, whose _sum/_count are cumulative.
         quantiles = GaugeMetricFamily("vpnr_audit_kernel_to_store_seconds",
-                                      "Kernel event to SQLite commit, recent commits",
-                                      labels=["quantile"])
+                                      "Kernel event to SQLite commit, percentile over the "
+                                      "last 4096 stored records", labels=["percentile"])
         for q in (0.5, 0.99):
             seconds = latency[min(int(q * len(latency)), len(latency) - 1)] / 1e9 \
                 if latency else 0.0
-            quantiles.add_metric([str(q)], seconds)
+            quantiles.add_metric([str(round(q * 100))], seconds)
         yield quantiles
 
 

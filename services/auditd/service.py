@@ -30,6 +30,15 @@ MAX_DETAIL_BYTES = 64 * 1024
 MAX_TOP = 100
 
 
+def control_fields(event: audit_pb2.ControlEvent, detail: object) -> tuple[object, ...]:
+    """The stored columns (all but the id) of a control record; ``detail`` is the parsed
+    ``detail_json``."""
+    return (time.time_ns(), R.KIND_CONTROL, *([None] * (R.PACKET_WIDTH - 3)),
+            event.daemon, event.action, event.actor, event.version_before,
+            event.version_after, int(event.success), json.dumps(detail, sort_keys=True),
+            event.error)
+
+
 class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     """The gRPC face of auditd."""
 
@@ -196,12 +205,8 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             problem = "event.detail_json must be a JSON object"
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        fields = (time.time_ns(), R.KIND_CONTROL, *([None] * (R.PACKET_WIDTH - 3)),
-                  event.daemon, event.action, event.actor, event.version_before,
-                  event.version_after, int(event.success),
-                  json.dumps(detail, sort_keys=True), event.error)
         try:
-            record_id = await self.app.pipeline.record_control(fields)
+            record_id = await self.app.pipeline.record_control(control_fields(event, detail))
         except StoreError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"not stored: {exc}")
         return audit_pb2.RecordResponse(id=record_id)

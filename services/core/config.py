@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 DEFAULT_CONFIG = "/etc/vpnr/router.toml"
+BINDING_MAP_HARD_LIMIT = 131072  # VPNR_MAX_BINDINGS (bpf/lib/maps.h): the binding id space
 
 _INSTANCE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,23}$")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
@@ -65,6 +66,8 @@ class RouterConfig:
     bpffs_dir: str = doc("Parent of the per-instance pin directory on bpffs.", "abspath",
                          "/sys/fs/bpf/vpnr")
     admin_group: str = doc("Local group whose members may use the sockets.", "", "vpnr-admin")
+    viewer_group: str = doc("Local group whose members may use the read-only viewer sockets.",
+                            "", "vpnr-viewer")
     log_level: Literal["debug", "info", "warning", "error"] = doc("Log threshold.", "", "info")
 
     @property
@@ -85,6 +88,10 @@ class RouterConfig:
     def socket_path(self, daemon: str) -> Path:
         """Unix socket of one daemon of this instance."""
         return self.socket_dir / f"{daemon}.sock"
+
+    def viewer_socket_path(self, daemon: str) -> Path:
+        """Read-only Unix socket of one daemon of this instance (for the viewer group)."""
+        return self.socket_dir / f"{daemon}-viewer.sock"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,6 +134,14 @@ class PolicydConfig(MetricsConfig):
     audit_events_per_second: int = doc("Audit events per second per role (token bucket).",
                                        "positive", 1000)
     audit_burst: int = doc("Audit events a role may send in one burst.", "positive", 1000)
+    binding_map_entries: int = doc(
+        "Starting size of each family's source-binding trie, in entries (both policy "
+        "slots count). Above 80% full policyd grows it (double, copy, atomic swap).",
+        "positive", 1024)
+    binding_map_limit: int = doc(
+        "Hard limit of bindings per address family in one policy (at most 131072); the "
+        "trie may grow to twice this (both slots). A change beyond it is refused with "
+        "RESOURCE_EXHAUSTED.", "positive", 131072)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -479,6 +494,15 @@ def _cross_checks(cfg: Config) -> None:
             except re.error as exc:
                 raise ConfigError(file, f"idpd.role_mappings[{i}].value",
                                   f"not a valid regular expression: {exc}") from exc
+    if cfg.policyd.binding_map_limit > BINDING_MAP_HARD_LIMIT:
+        raise ConfigError(file, "policyd.binding_map_limit",
+                          f"at most {BINDING_MAP_HARD_LIMIT} (the binding id space of the "
+                          "XDP program)")
+    if cfg.policyd.binding_map_entries > 2 * cfg.policyd.binding_map_limit:
+        raise ConfigError(file, "policyd.binding_map_entries",
+                          f"{cfg.policyd.binding_map_entries} exceeds twice "
+                          f"policyd.binding_map_limit ({cfg.policyd.binding_map_limit}), "
+                          "the most the trie may hold")
     if cfg.idpd.issuer and not cfg.idpd.client_id:
         raise ConfigError(file, "idpd.client_id", "required when idpd.issuer is set")
     ports: dict[int, str] = {}

@@ -18,9 +18,10 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,18 +33,19 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Gauge, Info, start_http_server
 
 from vpnr import __version__
+from vpnr.core import access
+from vpnr.core.auditrec import AuditRecorder
 from vpnr.core.config import DEFAULT_CONFIG, Config, ConfigError, describe, load_config
 from vpnr.core.logs import setup_logging
-from vpnr.v1 import common_pb2
+from vpnr.v1 import audit_pb2, common_pb2
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
-SOCKET_DIR_MODE = 0o750   # root and the admin group may enter; nobody else
-SOCKET_MODE = 0o660       # root and the admin group may connect
+SOCKET_DIR_MODE = 0o755   # anyone may enter: the socket files carry the protection
+SOCKET_MODE = 0o660       # root and the socket's group (admin or viewer) may connect
 STOP_GRACE_SECONDS = 5.0
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 log = logging.getLogger("vpnr.daemon")
 
@@ -114,7 +116,12 @@ class DaemonApp(abc.ABC):
 
     @abc.abstractmethod
     def register(self, server: grpc.aio.Server) -> None:
-        """Add this daemon's servicers to the server."""
+        """Add this daemon's servicers to the server (called once per socket)."""
+
+    def control_recorder(self) -> Callable[[audit_pb2.ControlEvent], None] | None:
+        """Where serve() sends the daemon's own control records (access denials); None
+        means to auditd's socket. auditd stores them itself."""
+        return None
 
 
 def parse_args(prog: str, argv: Sequence[str] | None) -> argparse.Namespace:
@@ -175,14 +182,65 @@ def admin_gid(config: Config) -> int:
             "(deploy/setup-host.sh creates vpnr-admin)") from exc
 
 
+def viewer_gid(config: Config) -> int:
+    """The numeric id of the configured viewer group."""
+    try:
+        return grp.getgrnam(config.router.viewer_group).gr_gid
+    except KeyError as exc:
+        raise ConfigError(
+            config.path, "router.viewer_group",
+            f"group {config.router.viewer_group!r} does not exist on this host "
+            "(deploy/setup-host.sh creates vpnr-viewer)") from exc
+
+
+def clear_stale_socket(runtime: Runtime, path: Path) -> None:
+    """Remove a socket nobody listens on; StartupError when a daemon still serves it."""
+    if path.exists() or path.is_symlink():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # nobody listens: a stale socket from a killed process
+        else:
+            raise StartupError(f"another {runtime.daemon} is already serving on {path}")
+        finally:
+            probe.close()
+
+
+def claim_socket_dir(sock_dir: Path, gid: int) -> None:
+    """Create or check the instance's socket directory so this daemon can bind in it.
+
+    It belongs to root and the admin group, sticky and group-writable: a daemon running
+    unprivileged as a member of the admin group (idpd under systemd) adds its own sockets,
+    and nobody but root removes or renames another's. A daemon that is not root changes
+    the owner and modes only of a directory it created itself.
+    """
+    mode = SOCKET_DIR_MODE | stat.S_IWGRP | stat.S_ISVTX
+    euid = os.geteuid()
+    try:
+        sock_dir.mkdir(mode=mode & 0o777, exist_ok=True)
+    except PermissionError as exc:
+        raise StartupError(f"cannot create {sock_dir} as uid {euid}: start a vpnr daemon "
+                           "that runs as root first (policyd creates it)") from exc
+    owner = sock_dir.stat().st_uid
+    try:
+        if euid == 0 or owner == euid:
+            os.chown(sock_dir, 0 if euid == 0 else -1, gid)
+            os.chmod(sock_dir, mode)
+    except PermissionError as exc:
+        raise StartupError(f"cannot give {sock_dir} to group {gid}: needs root with "
+                           "CAP_CHOWN, or a member of the admin group (systemd: "
+                           "SupplementaryGroups=)") from exc
+    if not os.access(sock_dir, os.W_OK | os.X_OK):
+        raise StartupError(f"{sock_dir} is not writable by uid {euid}: run as root or as a "
+                           "member of the admin group")
+
+
 def prepare_socket(runtime: Runtime, gid: int) -> Path:
     """Create the socket directory with safe modes and clear a stale socket."""
     router = runtime.config.router
     Path(router.run_dir).mkdir(mode=0o755, parents=True, exist_ok=True)
-    sock_dir = router.socket_dir
-    sock_dir.mkdir(mode=SOCKET_DIR_MODE, exist_ok=True)
-    os.chown(sock_dir, 0, gid)
-    os.chmod(sock_dir, SOCKET_DIR_MODE)
+    claim_socket_dir(router.socket_dir, gid)
     path = runtime.socket_path
     if path.exists() or path.is_symlink():
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -222,31 +280,42 @@ async def serve(app_cls: type[DaemonApp], config: Config) -> int:
     runtime = Runtime(daemon=app_cls.name, config=config)
     gid = admin_gid(config)
     path = prepare_socket(runtime, gid)
+    viewer_path = config.router.viewer_socket_path(runtime.daemon)
+    viewer_group = viewer_gid(config)
+    clear_stale_socket(runtime, viewer_path)
     app = app_cls(runtime)
     await app.start()
     metrics_server = start_metrics(runtime)
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ])
-    app.register(server)
+    denials = AuditRecorder(config.router.socket_path("auditd"))
+    read_only = access.ReadOnlyInterceptor(runtime.daemon, str(viewer_path),
+                                           app.control_recorder() or denials.record)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (*app.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server)
-    # The socket is born 0660 (umask), so there is no moment where others may connect.
-    old_umask = os.umask(0o117)
-    try:
-        server.add_insecure_port(f"unix:{path}")
-        await server.start()
-    finally:
-        os.umask(old_umask)
-    os.chown(path, 0, gid)
-    os.chmod(path, SOCKET_MODE)
+    # Both sockets serve the same servicers; the viewer socket only lets reads through.
+    servers: list[tuple[grpc.aio.Server, Path, int]] = []
+    for sock, sock_gid, gate in ((path, gid, []), (viewer_path, viewer_group, [read_only])):
+        server = grpc.aio.server(
+            interceptors=[*gate, access.WriteTimeoutInterceptor()],
+            options=access.SERVER_OPTIONS,
+            maximum_concurrent_rpcs=access.MAX_CONCURRENT_RPCS)
+        app.register(server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(names, server)
+        servers.append((server, sock, sock_gid))
+    for server, sock, sock_gid in servers:
+        # The socket is born 0660 (umask), so there is no moment where others may connect.
+        old_umask = os.umask(0o117)
+        try:
+            server.add_insecure_port(f"unix:{sock}")
+            await server.start()
+        finally:
+            os.umask(old_umask)
+        os.chown(sock, -1, sock_gid)  # chgrp only: works for a non-root daemon
+        os.chmod(sock, SOCKET_MODE)
     for name in ("", *app.service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving", extra={"socket": str(path), "metrics": runtime.metrics_address,
-                               "version": __version__})
+    log.info("serving", extra={"socket": str(path), "viewer_socket": str(viewer_path),
+                               "metrics": runtime.metrics_address, "version": __version__})
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -257,10 +326,12 @@ async def serve(app_cls: type[DaemonApp], config: Config) -> int:
         log.info("stopping")
     finally:
         await health_servicer.enter_graceful_shutdown()
-        await server.stop(STOP_GRACE_SECONDS)
+        await asyncio.gather(*(server.stop(STOP_GRACE_SECONDS) for server, _, _ in servers))
         await app.stop()
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        await denials.close()
+        for _, sock, _ in servers:
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()
         if metrics_server is not None:
             metrics_server.shutdown()
             metrics_server.server_close()

@@ -43,7 +43,7 @@ from vpnr.idpd.directory import DirectoryEntry, DirectoryRead, read_directory
 from vpnr.idpd.mapping import RoleMapper
 from vpnr.idpd.oauth import IdpClient, IdpRefused, IdpUnavailable
 from vpnr.idpd.store import IdpStore, LoginRecord
-from vpnr.idpd.tokens import TokenError, TokenValidator
+from vpnr.idpd.tokens import REASONS, TokenError, TokenValidator
 from vpnr.v1 import audit_pb2, idp_pb2, policy_pb2, policy_pb2_grpc
 
 log = logging.getLogger("vpnr.idpd.sync")
@@ -124,6 +124,10 @@ class Metrics:
         self.staleness = Gauge("vpnr_idp_staleness_seconds",
                                "Seconds since the last good sync (0 before the first).",
                                registry=registry)
+        self.stale = Gauge("vpnr_idp_stale",
+                           "1 when the bindings in force are not confirmed by the IdP (the "
+                           "last full sync failed, or none succeeded since start).",
+                           registry=registry)
         self.logins = Gauge("vpnr_idp_active_logins", "Active logins.", registry=registry)
         self.rejected = Counter("vpnr_idp_tokens_rejected", "Tokens refused by validation.",
                                 ["reason"], registry=registry)
@@ -131,6 +135,8 @@ class Metrics:
             self.syncs.labels(result)
         for origin in ("login", "directory"):
             self.bindings.labels(origin)
+        for reason in sorted(REASONS):
+            self.rejected.labels(reason)
 
 
 class SyncEngine:
@@ -149,6 +155,7 @@ class SyncEngine:
         self.validator = validator
         self.metrics = Metrics(registry)
         self.metrics.staleness.set_function(self.staleness)
+        self.metrics.stale.set_function(lambda: float(self.stale))
         self.logins: dict[str, LoginRecord] = {}
         self.directory: list[DirectoryEntry] = []
         self.bound: dict[str, Entry] = {}           # the last set pushed (or found) at policyd

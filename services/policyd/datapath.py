@@ -22,6 +22,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,8 +54,45 @@ COUNTER = layout.COUNTER
 STATS_MAX_ENTRIES = layout.STATS_MAX_ENTRIES
 
 
+BUILD_LOGS_KEPT = 10
+
+
 class DatapathError(Exception):
     """The XDP program cannot be built, attached or adopted; says what to fix."""
+
+
+class BuildRejected(DatapathError):
+    """The compiler or the verifier refused a build; its whole output is saved."""
+
+    def __init__(self, message: str, log_path: Path, build_id: bytes) -> None:
+        super().__init__(message)
+        self.log_path = log_path
+        self.build_id = build_id
+        self.at = time.time()
+
+
+def save_build_log(log_dir: Path, build_id: bytes, output: str) -> Path:
+    """Keep a rejected build's compiler/verifier output (the newest few) and return where."""
+    log_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    path = log_dir / f"{stamp}-{build_id.hex()[:16]}.log"
+    path.write_text(output)
+    for old in sorted(log_dir.glob("*.log"))[:-BUILD_LOGS_KEPT]:
+        old.unlink()
+    return path
+
+
+def build_error_summary(output: str) -> str:
+    """The lines an operator reads first: the failure, and the verifier's last words."""
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    key = [line for line in lines if "error" in line.lower() or "failed" in line.lower()
+           or "invalid" in line.lower() or "denied" in line.lower()]
+    picked = (key[:3] + lines[-3:]) if key else lines[-6:]
+    seen: list[str] = []
+    for line in picked:
+        if line not in seen:
+            seen.append(line)
+    return "\n".join(seen)[-1500:]
 
 
 @dataclass(frozen=True)
@@ -87,10 +125,13 @@ class XdpDatapath:
     pin_dir: Path
     interfaces: tuple[InterfaceConfig, ...]
     ring_bytes: int = DEFAULT_RING_BYTES
+    log_dir: Path = Path("/var/lib/vpnr/bpf-build")
     build_id: bytes = b""
+    running_build_id: bytes = b""
     prog_fd: int = -1
     stats_fd: int = -1
     adopted: bool = False
+    build_failure: BuildRejected | None = None
     attached: dict[str, AttachedInterface] = field(default_factory=dict)
 
     # -- build identity -------------------------------------------------------------------
@@ -123,16 +164,29 @@ class XdpDatapath:
             raise DatapathError("bpffs is not mounted at /sys/fs/bpf "
                                 "(mount -t bpf bpf /sys/fs/bpf; deploy/setup-host.sh does it)")
         self.pin_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.build_id = self.compute_build_id()
+        self.build_id = self.running_build_id = self.compute_build_id()
         pinned = self._open_pinned_program()
-        if (pinned is not None and self._program_build_id(pinned) == self.build_id
-                and self.stages_pin.exists()):
+        pinned_id = self._program_build_id(pinned) if pinned is not None else b""
+        if pinned is not None and pinned_id == self.build_id and self.stages_pin.exists():
             self.prog_fd, self.adopted = pinned, True
             log.info("adopted pinned program", extra={"prog_id": self.prog_info().id})
         else:
-            if pinned is not None:
-                os.close(pinned)
-            self.prog_fd = self._build()
+            try:
+                self.prog_fd = self._build()
+            except BuildRejected as exc:
+                self.running_build_id = pinned_id
+                if pinned is None or not pinned_id or not self.stages_pin.exists():
+                    if pinned is not None:
+                        os.close(pinned)
+                    raise
+                # An upgrade the verifier refused: the running program stays in force.
+                self.prog_fd, self.adopted, self.build_failure = pinned, True, exc
+                log.error("new program rejected; keeping the running one",
+                          extra={"prog_id": self.prog_info().id, "log": str(exc.log_path),
+                                 "rejected_build_id": exc.build_id.hex()[:16]})
+            else:
+                if pinned is not None:
+                    os.close(pinned)
         self.stats_fd = bpfsys.obj_get(str(self.pin_dir / STATS_PIN))
 
     def attach(self) -> None:
@@ -150,8 +204,8 @@ class XdpDatapath:
 
     @property
     def stages_pin(self) -> Path:
-        """Where this build's tail-call array is pinned."""
-        return self.pin_dir / f"{STAGES_PIN_PREFIX}{self.build_id.hex()[:16]}"
+        """Where the running build's tail-call array is pinned."""
+        return self.pin_dir / f"{STAGES_PIN_PREFIX}{self.running_build_id.hex()[:16]}"
 
     def ifindexes(self) -> dict[str, int]:
         """Configured interface name -> ifindex (in policyd's network namespace)."""
@@ -205,8 +259,10 @@ class XdpDatapath:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=BUILD_TIMEOUT,
                               check=False)
         if proc.returncode != 0:
-            raise DatapathError(f"cannot build {BPF_DIR / ENTRY_FILE}:\n"
-                                f"{proc.stderr.strip()[-4000:]}")
+            path = save_build_log(self.log_dir, self.build_id, proc.stderr)
+            raise BuildRejected(f"cannot build {BPF_DIR / ENTRY_FILE} (whole compiler and "
+                                f"verifier output in {path}):\n"
+                                f"{build_error_summary(proc.stderr)}", path, self.build_id)
         prog_fd = bpfsys.obj_get(str(staging))
         staging.unlink()
         log.info("built program", extra={"prog_id": bpfsys.prog_info(prog_fd).id})

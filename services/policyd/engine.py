@@ -265,6 +265,9 @@ class PolicyEngine:
             restore_single(policy, ids, net, before)
             self.updated_at = await self.store.save_full(policy, ids, version + 1)
             self.version = version + 1
+            # The kernel keeps the old content; its version follows the store's, so a
+            # restart adopts it rather than rewriting it.
+            self.maps.set_active(self.slot, self.version)
             raise ResourceError(str(exc)) from exc
         self.version = version
         after = copy_single(policy, ids, net)

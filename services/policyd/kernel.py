@@ -25,10 +25,20 @@ from vpnr.policyd.compiler import SlotImage
 log = logging.getLogger("vpnr.policyd.kernel")
 
 HASH, ARRAY, PERCPU_HASH, PERCPU_ARRAY = 1, 2, 5, 6
-LPM_TRIE, XSKMAP, RINGBUF = 11, 17, 27
+LPM_TRIE, ARRAY_OF_MAPS, XSKMAP, RINGBUF = 11, 12, 17, 27
 PROG_ARRAY = 3
+BPF_F_NO_PREALLOC = 1
 
 DEFAULT_RING_BYTES = 8 << 20
+# The source-binding tries (inner maps of a one-element array of maps, see bpf/lib/maps.h):
+# outer pin name -> (family, key size). Both policy slots share one trie.
+BINDING_TRIES: dict[str, tuple[int, int]] = {
+    "src4_bindings": (4, layout.LPM4_KEY.size),
+    "src6_bindings": (6, layout.LPM6_KEY.size),
+}
+DEFAULT_BINDING_ENTRIES = 1024
+BINDING_LIMIT = layout.MAX_BINDINGS  # bindings per family in one policy
+GROW_AT = 0.8  # grow a binding trie when a change would leave it fuller than this
 
 
 def expected_maps(ring_bytes: int) -> dict[str, tuple[int, int, int, int]]:
@@ -40,10 +50,8 @@ def expected_maps(ring_bytes: int) -> dict[str, tuple[int, int, int, int]]:
         "policy_active": (ARRAY, 4, 8, 1),
         "vpnr_config": (ARRAY, 4, layout.CONFIG.size, 1),
         "iface_zones": (ARRAY, 4, layout.IFACE.size, layout.MAX_IFINDEX),
-        "src4_bindings": (LPM_TRIE, layout.LPM4_KEY.size, layout.BINDING.size,
-                          2 * layout.MAX_BINDINGS),
-        "src6_bindings": (LPM_TRIE, layout.LPM6_KEY.size, layout.BINDING.size,
-                          2 * layout.MAX_BINDINGS),
+        "src4_bindings": (ARRAY_OF_MAPS, 4, 4, 1),
+        "src6_bindings": (ARRAY_OF_MAPS, 4, 4, 1),
         "dst4_zones": (LPM_TRIE, layout.LPM4_KEY.size, 4, layout.MAX_ZONES),
         "dst6_zones": (LPM_TRIE, layout.LPM6_KEY.size, 4, layout.MAX_ZONES),
         "rolesets": (ARRAY, 4, layout.ROLESET.size, 2 * layout.MAX_ROLESETS),
@@ -58,6 +66,19 @@ def expected_maps(ring_bytes: int) -> dict[str, tuple[int, int, int, int]]:
         "tunnel_settings": (ARRAY, 4, layout.TUNNEL_SETTINGS.size, 1),
         "tunnel_sessions": (HASH, 4, 4, layout.MAX_TUNNEL_SESSIONS),
     }
+
+
+def open_binding_trie(pin_dir: Path, name: str) -> int:
+    """An fd on the binding trie in force (the element of the pinned array of maps ``name``);
+    for readers outside policyd, e.g. to count what the kernel holds."""
+    outer = bpfsys.obj_get(str(pin_dir / name))
+    try:
+        raw = bpfsys.map_lookup(outer, layout.U32.pack(0), 4)
+    finally:
+        os.close(outer)
+    if raw is None:
+        raise KernelMapError(f"{pin_dir / name} holds no trie yet")
+    return bpfsys.fd_by_id("map", layout.U32.unpack(raw)[0])
 
 
 def check_pinned(pin_dir: Path, ring_bytes: int) -> list[str]:
@@ -98,12 +119,36 @@ class Mirror:
     buckets: dict[bytes, bytes | None] | None = None
 
 
-class PolicyMaps:
-    """Open fds on the pinned maps of one router instance."""
+@dataclass(frozen=True)
+class TrieFill:
+    """How full one binding trie is."""
 
-    def __init__(self, pin_dir: Path, ring_bytes: int = DEFAULT_RING_BYTES) -> None:
+    name: str
+    entries: int
+    capacity: int
+    limit: int
+    grows: int
+
+
+class PolicyMaps:
+    """Open fds on the pinned maps of one router instance.
+
+    ``fds[name]`` is the map policyd reads and writes; for the binding tries that is the
+    inner trie in force (``outer_fds`` hold the pinned arrays of maps that point at them).
+    """
+
+    def __init__(self, pin_dir: Path, ring_bytes: int = DEFAULT_RING_BYTES,
+                 binding_entries: int = DEFAULT_BINDING_ENTRIES,
+                 binding_limit: int = BINDING_LIMIT) -> None:
         self.pin_dir = pin_dir
         self.fds: dict[str, int] = {}
+        self.outer_fds: dict[str, int] = {}
+        self.capacity: dict[str, int] = {}
+        self.grows = dict.fromkeys(BINDING_TRIES, 0)
+        # A trie holds both policy slots: at most twice the bindings one policy may have.
+        self.binding_limit = binding_limit
+        self.trie_limit = 2 * binding_limit
+        self.binding_entries = min(binding_entries, self.trie_limit)
         self.mirrors = {0: Mirror(), 1: Mirror()}
         self.grace = bpfsys.GracePeriod()
         try:
@@ -120,16 +165,102 @@ class PolicyMaps:
                 if found != shape:
                     raise KernelMapError(f"pinned map {path} has shape {found}, "
                                          f"expected {shape}")
+            for name in BINDING_TRIES:
+                self.outer_fds[name] = self.fds.pop(name)
+                self.fds[name] = self._open_trie(name)
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
         """Close every fd; the maps stay pinned."""
-        for fd in self.fds.values():
+        for fd in (*self.fds.values(), *self.outer_fds.values()):
             os.close(fd)
         self.fds.clear()
+        self.outer_fds.clear()
         self.grace.close()
+
+    # -- the binding tries: sized to need, grown by copy and swap -----------------------
+
+    def _open_trie(self, name: str) -> int:
+        """The trie the pinned array of maps points at; a new one when it points nowhere
+        (a fresh instance: the program then treats every source as unbound)."""
+        outer = self.outer_fds[name]
+        raw = bpfsys.map_lookup(outer, layout.U32.pack(0), 4)
+        if raw is not None:
+            fd = bpfsys.fd_by_id("map", layout.U32.unpack(raw)[0])
+            self.capacity[name] = bpfsys.map_info(fd).max_entries
+            return fd
+        fd = self._new_trie(name, self.binding_entries)
+        try:
+            bpfsys.map_update(outer, layout.U32.pack(0), layout.U32.pack(fd))
+        except BaseException:
+            os.close(fd)
+            raise
+        self.capacity[name] = self.binding_entries
+        return fd
+
+    def _new_trie(self, name: str, entries: int) -> int:
+        key_size = BINDING_TRIES[name][1]
+        try:
+            return bpfsys.map_create(LPM_TRIE, key_size, layout.BINDING.size, entries,
+                                     name=name[:15], flags=BPF_F_NO_PREALLOC)
+        except bpfsys.BpfError as exc:
+            raise KernelMapError(f"cannot create a {entries}-entry trie for {name}: "
+                                 f"{exc.strerror}") from exc
+
+    def trie_entries(self, name: str) -> int:
+        """Entries in a binding trie, both slots."""
+        total = 0
+        for slot in (0, 1):
+            mirror = self._mirror(slot)
+            held = mirror.src4 if name == "src4_bindings" else mirror.src6
+            total += len(held or {})
+        return total
+
+    def trie_fill(self) -> list[TrieFill]:
+        """Fill of both binding tries (for Status and metrics)."""
+        return [TrieFill(name, self.trie_entries(name), self.capacity[name],
+                         self.trie_limit, self.grows[name]) for name in BINDING_TRIES]
+
+    def ensure_room(self, name: str, bindings: int, needed: int) -> None:
+        """Make binding trie ``name`` ready for a slot of ``bindings`` entries, ``needed``
+        in the whole trie: refuse beyond the hard limit (before anything is written), grow
+        when ``needed`` passes 80% of the trie's size."""
+        if bindings > self.binding_limit:
+            raise KernelMapError(
+                f"{name}: {bindings} bindings of one address family are beyond the hard "
+                f"limit of {self.binding_limit} (policyd.binding_map_limit)")
+        capacity = self.capacity[name]
+        if needed <= GROW_AT * capacity or capacity >= self.trie_limit:
+            return
+        target = max(2 * capacity, int(needed / GROW_AT) + 1)
+        self.grow(name, min(self.trie_limit, target))
+
+    def grow(self, name: str, entries: int) -> None:
+        """Copy binding trie ``name`` into a new one of ``entries`` and swap it in: one
+        element update of the outer array, so every lookup finds a complete trie."""
+        old_fd, key_size = self.fds[name], BINDING_TRIES[name][1]
+        new_fd = self._new_trie(name, entries)
+        try:
+            items = []
+            for key in list(bpfsys.map_keys(old_fd, key_size)):
+                value = bpfsys.map_lookup(old_fd, key, layout.BINDING.size)
+                if value is not None:
+                    items.append((key, value))
+            if items:
+                bpfsys.map_update_batch(new_fd, items)
+            bpfsys.map_update(self.outer_fds[name], layout.U32.pack(0), layout.U32.pack(new_fd))
+        except BaseException:
+            os.close(new_fd)
+            raise
+        self.fds[name] = new_fd
+        os.close(old_fd)
+        old = self.capacity[name]
+        self.capacity[name] = entries
+        self.grows[name] += 1
+        log.info("grew binding map", extra={"map": name, "from_entries": old,
+                                            "to_entries": entries, "copied": len(items)})
 
     # -- the live slot ---------------------------------------------------------------
 
@@ -152,7 +283,7 @@ class PolicyMaps:
 
     def _scan(self, name: str, slot: int, slot_offset: int, slot_mask: int = 0xFF
               ) -> dict[bytes, bytes | None]:
-        key_size = expected_maps(0)[name][1]
+        key_size = BINDING_TRIES[name][1] if name in BINDING_TRIES else expected_maps(0)[name][1]
         found: dict[bytes, bytes | None] = {}
         for key in bpfsys.map_keys(self.fds[name], key_size):
             if key[slot_offset] & slot_mask == slot:
@@ -207,6 +338,10 @@ class PolicyMaps:
         assert mirror.src4 is not None and mirror.src6 is not None
         assert mirror.zones4 is not None and mirror.zones6 is not None
         assert mirror.buckets is not None
+        # Room first: a change beyond a hard limit is refused before anything is written.
+        other = self._mirror(1 - slot)
+        self.ensure_room("src4_bindings", len(image.src4), len(other.src4 or {}) + len(image.src4))
+        self.ensure_room("src6_bindings", len(image.src6), len(other.src6 or {}) + len(image.src6))
         # Referenced data first, references last (matters when the slot is live).
         self.write_rules(slot, 0, image.rules)
         self.write_rolesets(slot, image.rolesets)
@@ -246,6 +381,8 @@ class PolicyMaps:
         mirror = self._mirror(slot)
         have = mirror.src4 if family == 4 else mirror.src6
         assert have is not None
+        if key not in have:
+            self.ensure_room(name, len(have) + 1, self.trie_entries(name) + 1)
         self._update(self.fds[name], key, value, name)
         have[key] = value
 

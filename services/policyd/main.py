@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import cast
@@ -14,9 +15,9 @@ import grpc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from vpnr.core import bpfsys
+from vpnr.core import bpfsys, preflight
 from vpnr.core.auditrec import AuditRecorder
-from vpnr.core.daemon import DaemonApp, Runtime, StartupError, run_daemon
+from vpnr.core.daemon import DaemonApp, Runtime, StartupError, run_daemon, unix_timestamp
 from vpnr.policyd import convert, layout, testrun
 from vpnr.policyd.datapath import DatapathError, XdpDatapath
 from vpnr.policyd.engine import Change, PolicyEngine
@@ -58,7 +59,7 @@ class XdpCollector(Collector):
         names = {a.ifindex: name for name, a in self.app.datapath.attached.items()}
         counters = self.app.datapath.counters()
         for row in counters:
-            values = [names.get(row.ifindex, str(row.ifindex)),
+            values = [names.get(row.ifindex) or _interface_name(row.ifindex),
                       codes_pb2.Verdict.Name(row.verdict), codes_pb2.Reason.Name(row.reason),
                       str(row.ip_version), str(row.ip_protocol)]
             packets.add_metric(values, row.packets)
@@ -66,9 +67,21 @@ class XdpCollector(Collector):
         yield from (packets, nbytes)
         fill = GaugeMetricFamily("vpnr_map_fill_ratio", "Entries over max_entries per map",
                                  labels=["map"])
+        entries = GaugeMetricFamily("vpnr_map_entries", "Entries in a map", labels=["map"])
+        size = GaugeMetricFamily("vpnr_map_max_entries",
+                                 "Current size of a map (grows for the binding tries)",
+                                 labels=["map"])
+        limit = GaugeMetricFamily("vpnr_map_limit_entries",
+                                  "Hard limit of a map's size", labels=["map"])
+        grows = CounterMetricFamily("vpnr_map_grows", "Times a map was grown (copy and swap)",
+                                    labels=["map"])
         for m in self.app.map_fill(len(counters)):
             fill.add_metric([m.name], m.fill_ratio)
-        yield fill
+            entries.add_metric([m.name], m.entries)
+            size.add_metric([m.name], m.max_entries)
+            limit.add_metric([m.name], m.hard_limit)
+            grows.add_metric([m.name], m.grows)
+        yield from (fill, entries, size, limit, grows)
         lost = CounterMetricFamily("vpnr_audit_events", "Audit events by outcome in the kernel",
                                    labels=["outcome"])
         outcomes = ("lost_reserve", "lost_rate_limit", "sampled_out", "emitted")
@@ -98,7 +111,8 @@ class Policyd(DaemonApp):
         super().__init__(runtime)
         cfg = self.config.policyd
         self.datapath = XdpDatapath(self.config.router.pin_dir, cfg.interfaces,
-                                    ring_bytes=cfg.audit_ring_mib << 20)
+                                    ring_bytes=cfg.audit_ring_mib << 20,
+                                    log_dir=self.config.router.state_path / "bpf-build")
         self._maps: PolicyMaps | None = None
         self._engine: PolicyEngine | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -119,10 +133,13 @@ class Policyd(DaemonApp):
     async def start(self) -> None:
         """Adopt or build the program, bring the maps to the stored policy, then attach:
         the first packet on an interface already meets the full policy."""
+        preflight.require(self.name, ("kernel", "bpf", "bpffs", "headers"))
         cfg = self.config.policyd
         try:
             await asyncio.to_thread(self.datapath.prepare)
-            self._maps = PolicyMaps(self.config.router.pin_dir, cfg.audit_ring_mib << 20)
+            self._maps = PolicyMaps(self.config.router.pin_dir, cfg.audit_ring_mib << 20,
+                                    binding_entries=cfg.binding_map_entries,
+                                    binding_limit=cfg.binding_map_limit)
             database = Path(cfg.database)
             if not database.is_absolute():
                 database = self.config.router.state_path / database
@@ -205,20 +222,21 @@ class Policyd(DaemonApp):
         rows the caller has just read, one per xdp_stats entry)."""
         engine, maps = self.engine, self.maps
         live = engine.live
+        # Fixed-size maps: their size is their hard limit. The binding tries grow.
         rows = [
             ("xdp_stats", stats_rows, layout.STATS_MAX_ENTRIES),
-            ("src4_bindings", len(maps.mirrors[0].src4 or {}) + len(maps.mirrors[1].src4 or {}),
-             2 * layout.MAX_BINDINGS),
-            ("src6_bindings", len(maps.mirrors[0].src6 or {}) + len(maps.mirrors[1].src6 or {}),
-             2 * layout.MAX_BINDINGS),
             ("rule_buckets", len(maps.mirrors[0].buckets or {})
              + len(maps.mirrors[1].buckets or {}), layout.MAX_BUCKETS),
             ("rule_table", len(live.rules) if live else 0, layout.RULE_TABLE_HALF),
             ("rolesets", len(engine.ids.rolesets), layout.MAX_ROLESETS),
             ("roles", len(engine.ids.roles), layout.MAX_ROLES),
         ]
-        return [policy_pb2.MapFill(name=n, entries=e, max_entries=m, fill_ratio=e / m)
-                for n, e, m in rows]
+        out = [policy_pb2.MapFill(name=t.name, entries=t.entries, max_entries=t.capacity,
+                                  fill_ratio=t.entries / t.capacity, hard_limit=t.limit,
+                                  grows=t.grows) for t in maps.trie_fill()]
+        out += [policy_pb2.MapFill(name=n, entries=e, max_entries=m, fill_ratio=e / m,
+                                   hard_limit=m) for n, e, m in rows]
+        return out
 
     def binding_with_traffic(self, net: IPNetwork) -> policy_pb2.Binding:
         """A binding and its traffic counters."""
@@ -283,6 +301,13 @@ class Policyd(DaemonApp):
         if self.config.policyd.mode == "monitor":
             warnings.append(common_pb2.Warning(code="MONITOR_MODE",
                                                message="policy is not enforced (monitor)"))
+        failure = datapath.build_failure
+        if failure is not None:
+            warnings.append(common_pb2.Warning(
+                code="BUILD_REJECTED",
+                message=f"the new XDP program was rejected and the running one "
+                        f"({datapath.running_build_id.hex()[:16]}) stays in force; "
+                        f"compiler/verifier output: {failure.log_path}"))
         lost = self.maps.audit_lost()
         top = [policy_pb2.IdentityTraffic(kind=kind, name=name,
                                           traffic=_traffic_message(row))
@@ -296,7 +321,10 @@ class Policyd(DaemonApp):
             audit_lost_reserve=lost[layout.AUDIT_LOST_RESERVE],
             audit_lost_rate_limit=lost[layout.AUDIT_LOST_RATE_LIMIT],
             audit_emitted=lost[layout.AUDIT_EMITTED], policy_adopted=self.engine.adopted,
-            top_traffic=top)
+            top_traffic=top, running_build_id=datapath.running_build_id.hex(),
+            build_failure=None if failure is None else policy_pb2.BuildFailure(
+                error=str(failure).split("\n", 1)[-1], log_path=str(failure.log_path),
+                build_id=failure.build_id.hex(), at=unix_timestamp(failure.at)))
 
     # -- test / explain -----------------------------------------------------------
 
@@ -363,6 +391,15 @@ class Policyd(DaemonApp):
             what = "no binding for the source"
         decision.explanation = f"{verdict} ({reason}): {what}; policy version {trace.version}"
         return decision
+
+
+def _interface_name(ifindex: int) -> str:
+    """Name of an interface policyd does not attach to (e.g. tunneld's decap interface,
+    whose packets the program also sees); the index when it is gone."""
+    try:
+        return socket.if_indextoname(ifindex)
+    except OSError:
+        return str(ifindex)
 
 
 def _traffic_message(row: tuple[int, ...]) -> policy_pb2.TrafficCounters:

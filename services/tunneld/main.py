@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 from pyroute2 import IPRoute
 
+from vpnr.core import preflight
 from vpnr.core.auditrec import AuditRecorder
 from vpnr.core.daemon import DaemonApp, Runtime, StartupError, run_daemon
 from vpnr.tunneld import packets
@@ -23,7 +24,7 @@ from vpnr.tunneld.decap import DecapError, DecapInterface
 from vpnr.tunneld.keys import KeyFileError, StaticKeys, b64
 from vpnr.tunneld.peers import PeerDef, PeerError, PeerStore, check_conflicts, make_peer
 from vpnr.tunneld.probe import KernelProbeResult, choose_datapath, probe_kernel
-from vpnr.tunneld.router import Peer, TunnelRouter
+from vpnr.tunneld.router import Peer, TunnelCollector, TunnelRouter
 from vpnr.tunneld.service import TunnelServicer, revoked_copy
 from vpnr.v1 import audit_pb2, tunnel_pb2, tunnel_pb2_grpc
 
@@ -63,6 +64,7 @@ class Tunneld(DaemonApp):
             raise
 
     async def _start(self) -> None:
+        preflight.require(self.name, ("kernel", "bpf", "bpffs", "btf", "headers"))
         cfg = self.config.tunneld
         if cfg.reject_after_seconds <= cfg.rekey_after_seconds:
             raise StartupError("tunneld.reject_after_seconds must be greater than "
@@ -109,6 +111,7 @@ class Tunneld(DaemonApp):
         await asyncio.to_thread(self.dataplane.decap.route,
                                 [str(p) for d in definitions for p in d.prefixes])
         self.dataplane.start(self.router)
+        self.runtime.registry.register(TunnelCollector(self.router, self.datapath_counters))
         # Handshakes now, not at the first packet: after a restart the peers' old sessions
         # are gone on our side, and both directions come back within one round trip.
         for peer in self.router.peers.values():

@@ -28,6 +28,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
 from vpnr.tunneld import errors, messages, packets
 from vpnr.tunneld.constants import (
     MESSAGE_COOKIE_REPLY,
@@ -65,6 +68,9 @@ INNER_MALFORMED = "inner_malformed"  # not an IPv4/IPv6 packet
 TOO_BIG = "too_big"  # oversize with DF (IPv4) or IPv6: answered with ICMP
 UNDER_LOAD = "cookie_required"  # initiation without a valid cookie while under load
 SEND_FAILED = "send_failed"  # the UDP socket refused a datagram
+ROUTER_REASONS = (NO_ROUTE, NO_ENDPOINT, INNER_SOURCE, INNER_MALFORMED, TOO_BIG, UNDER_LOAD,
+                  SEND_FAILED)
+PEER_STATES = ("idle", "handshaking", "established", "unreachable", "revoked")
 
 
 class Outputs(Protocol):
@@ -138,6 +144,7 @@ class TunnelRouter:
         self.revoked: dict[bytes, str] = {}  # static key -> peer it belonged to
         self.drops: Counter[str] = Counter()
         self.handshakes_completed = 0
+        self.handshakes_given_up = 0  # HandshakeGaveUp events (REKEY_ATTEMPT_TIME ran out)
         self._rng = rng or random.SystemRandom()
         self._by_static: dict[bytes, Peer] = {}
         self._owner: dict[int, Peer] = {}
@@ -474,6 +481,7 @@ class TunnelRouter:
                     peer.state = "idle"
             elif isinstance(event, HandshakeGaveUp):
                 peer.state = "unreachable"
+                self.handshakes_given_up += 1
                 log.warning("handshake gave up", extra={"peer": peer.defn.name,
                                                         "dropped": event.dropped_packets})
             elif isinstance(event, SessionRevoked):
@@ -541,3 +549,75 @@ class TunnelRouter:
 def _source_bytes(source: Address) -> bytes:
     address = ipaddress.ip_address(source[0])
     return address.packed + source[1].to_bytes(2, "big")
+
+
+class TunnelCollector(Collector):
+    """Prometheus view of the tunnel table and the data path, read at scrape time."""
+
+    def __init__(self, router: TunnelRouter, datapath: Callable[[], dict[str, int]]) -> None:
+        self.router = router
+        self.datapath = datapath
+
+    def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+        """Handshakes, drops by reason, peers by state, traffic per peer, data-path counters."""
+        router = self.router
+        yield CounterMetricFamily("vpnr_tunnel_handshakes_completed",
+                                  "Noise handshakes completed (either side initiated)",
+                                  value=router.handshakes_completed)
+        yield CounterMetricFamily("vpnr_tunnel_handshakes_given_up",
+                                  "Handshake attempts abandoned after retrying for "
+                                  "REKEY_ATTEMPT_TIME (peer unreachable or refusing us)",
+                                  value=router.handshakes_given_up)
+        drops = CounterMetricFamily("vpnr_tunnel_drops",
+                                    "Datagrams and inner packets dropped, by reason",
+                                    labels=["reason"])
+        counted = dict.fromkeys((*errors.REASONS, *ROUTER_REASONS), 0)
+        counted.update(router.drops_by_reason())
+        for reason, count in sorted(counted.items()):
+            drops.add_metric([reason], count)
+        yield drops
+        states = GaugeMetricFamily("vpnr_tunnel_peers", "Configured peers by state",
+                                   labels=["state"])
+        by_state = dict.fromkeys(PEER_STATES, 0)
+        for peer in router.peers.values():
+            by_state[peer.state] = by_state.get(peer.state, 0) + 1
+        for state, count in by_state.items():
+            states.add_metric([state], count)
+        yield states
+        labels = ["peer"]
+        established = GaugeMetricFamily("vpnr_tunnel_peer_established",
+                                        "1 when the peer has a session in use", labels=labels)
+        last = GaugeMetricFamily("vpnr_tunnel_peer_last_handshake_timestamp_seconds",
+                                 "Unix time of the peer's last completed handshake "
+                                 "(0: none since start)", labels=labels)
+        traffic = {
+            "rx_bytes": CounterMetricFamily("vpnr_tunnel_peer_received_bytes",
+                                            "Inner bytes received from the peer", labels=labels),
+            "tx_bytes": CounterMetricFamily("vpnr_tunnel_peer_sent_bytes",
+                                            "Inner bytes sent to the peer", labels=labels),
+            "rx_packets": CounterMetricFamily("vpnr_tunnel_peer_received_packets",
+                                              "Inner packets received from the peer",
+                                              labels=labels),
+            "tx_packets": CounterMetricFamily("vpnr_tunnel_peer_sent_packets",
+                                              "Inner packets sent to the peer", labels=labels),
+        }
+        for name, peer in sorted(router.peers.items()):
+            established.add_metric([name], float(peer.state == "established"))
+            last.add_metric([name], peer.last_handshake)
+            for attribute, family in traffic.items():
+                family.add_metric([name], getattr(peer, attribute))
+        yield established
+        yield last
+        yield from traffic.values()
+        datapath = CounterMetricFamily("vpnr_tunnel_datapath_events",
+                                       "Data-path counters: UDP and AF_XDP socket events, "
+                                       "decap writes and errors", labels=["counter"])
+        free = GaugeMetricFamily("vpnr_tunnel_xsk_tx_free_frames",
+                                 "Free TX frames of each AF_XDP socket's UMEM",
+                                 labels=["interface"])
+        for counter, count in sorted(self.datapath().items()):
+            if counter.startswith("xsk_") and counter.endswith("_tx_free_frames"):
+                free.add_metric([counter[len("xsk_"):-len("_tx_free_frames")]], count)
+            else:
+                datapath.add_metric([counter], count)
+        yield from (datapath, free)

@@ -10,6 +10,7 @@ from :mod:`vpnr.vpnctl.audit_client`; this module parses, connects and prints.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -47,9 +48,10 @@ from vpnr.vpnctl.commandline import (
     call_timeout,
     emit,
 )
+from vpnr.vpnctl.output import render
 from vpnr.vpnctl.policy_terms import UINT32_MAX, VERDICTS
 from vpnr.vpnctl.policy_verbs import prefix_arg, rule_id_arg
-from vpnr.vpnctl.reflection import UsageError, VpnctlError, socket_path
+from vpnr.vpnctl.reflection import UsageError, VpnctlError, socket_path, to_dict
 
 EXIT_OK = 0
 STDOUT = "-"
@@ -149,13 +151,19 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
     request = export_request(args, datetime.now(UTC))
     target = args.output_file
     if target in (None, STDOUT):
+        if args.output == "yaml":
+            raise UsageError("audit export writes JSON lines: -o yaml needs --output-file "
+                             "(it then prints the summary as YAML)")
         with connect(args) as client:
             count = write_export(client.export(request), sys.stdout.buffer)
         print(f"exported {plural(count, 'record')}", file=sys.stderr)
         return EXIT_OK
     with replacing_file(Path(target)) as out, connect(args) as client:
         count = write_export(client.export(request), out)
-    print(f"exported {plural(count, 'record')} to {target}", file=sys.stderr)
+    if args.output == "table":
+        print(f"exported {plural(count, 'record')} to {target}", file=sys.stderr)
+    else:
+        emit(render({"file": target, "records": count}, args.output))
     return EXIT_OK
 
 
@@ -168,6 +176,42 @@ def cmd_audit_stats(args: argparse.Namespace) -> int:
     with connect(args) as client:
         stats = client.stats(request)
     emit(stats_text(stats, time_window(args, now), args.output))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------- status, record
+
+def cmd_audit_status(args: argparse.Namespace) -> int:
+    """Status: store, record count, sinks, losses, the ring buffer."""
+    with connect(args) as client:
+        status = client.call("Status", audit_pb2.AuditStatusRequest(), audit_pb2.AuditStatus)
+    data = to_dict(status, emit_defaults=True)
+    emit(render(data, args.output))
+    return EXIT_OK
+
+
+def detail_arg(text: str) -> str:
+    """``--detail``: a JSON object, kept as the text given."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return text
+
+
+def cmd_audit_record(args: argparse.Namespace) -> int:
+    """Record: add one control event (an operator's note, a change made by hand)."""
+    event = audit_pb2.ControlEvent(daemon=args.daemon, action=args.action,
+                                   detail_json=args.detail or "", success=not args.error,
+                                   error=args.error or "")
+    with connect(args) as client:
+        reply = client.call("Record", audit_pb2.RecordRequest(event=event),
+                            audit_pb2.RecordResponse)
+    data = {"id": reply.id, "daemon": args.daemon, "action": args.action}
+    emit(f"recorded {args.action} as record {reply.id}" if args.output == "table"
+         else render(data, args.output))
     return EXIT_OK
 
 
@@ -219,7 +263,7 @@ def add_filters(parser: argparse.ArgumentParser) -> None:
 def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None:
     """Register ``audit`` with its verbs."""
     audit = add_group(commands, common, "audit",
-                      "the audit log of auditd: query, follow, export, statistics", [
+                      "the audit log of auditd: events, export, stats, status, record", [
                           "vpnctl audit events --since 15m --verdict deny",
                           "vpnctl audit events --follow --role eng",
                           "vpnctl audit export --since 1d -f audit.jsonl",
@@ -250,8 +294,10 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
         "vpnctl audit export --since 2026-11-21 --until 2026-11-22 --verdict deny "
         "--output-file deny.jsonl",
         "vpnctl audit export --control | jq -r .action"],
-                    cmd_audit_export, notes=TIME_NOTES + "\n\nThe number of records "
-                    "exported is printed on stderr; a failed export leaves no file.")
+                    cmd_audit_export, notes=TIME_NOTES + "\n\nThe records are JSON lines "
+                    "whatever -o says. The number exported is printed on stderr, or with\n"
+                    "--output-file and -o json|yaml as a document on stdout; a failed export "
+                    "leaves no file.")
     add_filters(verb)
     verb.add_argument("-f", "--output-file", metavar="FILE",
                       help="file to write (default: stdout; - is stdout too)")
@@ -264,3 +310,17 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
     add_window(verb)
     verb.add_argument("--top", type=top_arg, default=DEFAULT_TOP, metavar="N",
                       help=f"entries in each top list (default {DEFAULT_TOP})")
+
+    add_verb(audit, common, "status", "store, record count, sinks, losses and ring buffer", [
+        "vpnctl audit status", "vpnctl audit status -o json"], cmd_audit_status)
+    verb = add_verb(audit, common, "record", "add a control event to the audit log", [
+        "vpnctl audit record note.add --detail '{\"text\": \"maintenance starts\"}'",
+        "vpnctl audit record firewall.manual_change --daemon ops --error 'rolled back'"],
+                    cmd_audit_record)
+    verb.add_argument("action", metavar="ACTION", help='what happened, e.g. "note.add"')
+    verb.add_argument("--daemon", default="vpnctl", metavar="NAME",
+                      help="who records it (default: vpnctl)")
+    verb.add_argument("--detail", type=detail_arg, metavar="JSON",
+                      help="details as a JSON object (never put secrets here)")
+    verb.add_argument("--error", metavar="TEXT",
+                      help="record it as failed, with this error")

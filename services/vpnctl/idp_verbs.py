@@ -40,6 +40,7 @@ from vpnr.vpnctl.commandline import (
     emit,
     examples_epilog,
 )
+from vpnr.vpnctl.exitcodes import EXIT_FAILURE
 from vpnr.vpnctl.idp_view import (
     bindings_text,
     config_text,
@@ -56,7 +57,6 @@ from vpnr.vpnctl.idp_view import (
 from vpnr.vpnctl.output import human_duration, render
 from vpnr.vpnctl.policy_verbs import address_arg
 from vpnr.vpnctl.reflection import (
-    EXIT_FAILURE,
     RpcFailure,
     UsageError,
     VpnctlError,

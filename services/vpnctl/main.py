@@ -20,8 +20,29 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from vpnr.vpnctl import audit_verbs, idp_verbs, policy_object_verbs, policy_verbs
-from vpnr.vpnctl.commandline import DEFAULT_TIMEOUT, Handler, call_timeout, emit
+from vpnr.vpnctl import (
+    audit_verbs,
+    completion,
+    idp_verbs,
+    policy_object_verbs,
+    policy_verbs,
+    reflection,
+    tunnel_verbs,
+)
+from vpnr.vpnctl.commandline import (
+    DEFAULT_TIMEOUT,
+    Handler,
+    call_timeout,
+    emit,
+    examples_epilog,
+)
+from vpnr.vpnctl.exitcodes import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    exit_codes_text,
+)
 from vpnr.vpnctl.output import (
     FORMATS,
     columns,
@@ -33,10 +54,10 @@ from vpnr.vpnctl.output import (
 )
 from vpnr.vpnctl.reflection import (
     DAEMONS,
-    EXIT_USAGE,
     SERVICE_DAEMONS,
     ConnectError,
     DaemonClient,
+    UnreachableError,
     UsageError,
     VpnctlError,
     build_request,
@@ -49,19 +70,10 @@ from vpnr.vpnctl.reflection import (
     to_dict,
 )
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_INTERRUPTED = 130
 DAEMON_SERVICES = {daemon: service for service, daemon in SERVICE_DAEMONS.items()}
 
-EPILOG = """\
-exit codes:
-  0    success (status, health: every daemon up and serving)
-  1    the server answered with an error (shown as "error: CODE: message"),
-       or a daemon is down or unreachable (the message names the socket and why)
-  2    usage error: bad arguments, unknown or ambiguous symbol, request JSON that
-       is invalid or does not fit the request message
-  130  interrupted
+EPILOG = exit_codes_text() + """
+Errors print "error: CODE: message" (the gRPC status) or name the socket and why.
 
 environment: VPNR_INSTANCE and VPNR_RUN_DIR set the defaults of --instance and --run-dir.
 
@@ -88,6 +100,10 @@ examples:
   vpnctl idp status                              # the IdP link of idpd (see vpnctl idp --help)
   vpnctl idp sync --confirm 7f3c2a               # apply a sync held by the deletion guard
   vpnctl idp login --address 10.1.0.10           # device-grant sign-in bound to an address
+  vpnctl tunnel status                           # tunneld (see vpnctl peer --help)
+  vpnctl peer list -o yaml
+  source <(vpnctl completion bash)               # completion (also zsh, fish)
+  vpnctl session rotate site-b
 """
 
 
@@ -118,6 +134,9 @@ def _common_options(with_defaults: bool, environ: Mapping[str, str]
                              "(default: $VPNR_RUN_DIR or /run/vpnr)")
     parser.add_argument("-o", "--output", choices=FORMATS, default=default("table"),
                         help="output format (default: table)")
+    parser.add_argument("--viewer", action="store_true", default=default(False),
+                        help="use the read-only viewer sockets (default: the admin socket, "
+                             "the viewer socket when the admin socket refuses you)")
     parser.add_argument("--timeout", type=_seconds, metavar="SECONDS", default=default(None),
                         help=f"deadline of each call (default {DEFAULT_TIMEOUT:g}; "
                              "server-streaming calls have none unless given; 0: none)")
@@ -128,6 +147,11 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = N
                ) -> argparse.Namespace:
     """Parse vpnctl's command line; exits 2 (argparse) on usage errors. ``environ``
     (default: the process environment) supplies VPNR_INSTANCE and VPNR_RUN_DIR."""
+    return build_parser(environ).parse_args(argv)
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """vpnctl's whole parser tree (completion and docs/vpnctl.md are generated from it)."""
     environ = os.environ if environ is None else environ
     common = _common_options(with_defaults=False, environ=environ)
     parser = argparse.ArgumentParser(
@@ -165,6 +189,13 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = N
     daemon_option(call)
     command("status", "up/down, version, uptime and key facts of the four daemons")
     health = command("health", "grpc.health.v1 Check of one or all daemons")
+    shells = commands.add_parser(
+        "completion", parents=[common], help="print a shell completion script",
+        description="print a completion script for bash, zsh or fish",
+        epilog=examples_epilog(COMPLETION_EXAMPLES),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    shells.add_argument("shell", choices=completion.SHELLS, metavar="SHELL",
+                        help="one of " + ", ".join(completion.SHELLS))
     health.add_argument("daemon", nargs="?", choices=DAEMONS, metavar="DAEMON",
                         help="one of " + ", ".join(DAEMONS) + " (default: all)")
     health.add_argument("--service", default="",
@@ -173,7 +204,8 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = N
     policy_object_verbs.add_commands(commands, common)
     audit_verbs.add_commands(commands, common)
     idp_verbs.add_commands(commands, common)
-    return parser.parse_args(argv)
+    tunnel_verbs.add_commands(commands, common)
+    return parser
 
 
 def open_client(args: argparse.Namespace, daemon: str) -> DaemonClient:
@@ -211,7 +243,7 @@ def locate(args: argparse.Namespace, symbol: str) -> tuple[DaemonClient, str]:
     if not clients:
         if len(down) == 1:
             raise down[0]
-        raise VpnctlError("no daemon is reachable: " + "; ".join(str(exc) for exc in down))
+        raise UnreachableError("no daemon is reachable: " + "; ".join(str(exc) for exc in down))
     asked = ", ".join(client.daemon for client in clients)
     raise UsageError(f"unknown symbol {symbol!r} (asked {asked})")
 
@@ -304,10 +336,14 @@ def cmd_call(args: argparse.Namespace) -> int:
 
 
 def _policyd_facts(status: dict[str, Any]) -> dict[str, Any]:
-    return {"policy_version": int(status.get("policy_version", 0)),
-            "interfaces": [{key: interface.get(key) for key in
-                            ("name", "program_id", "attach_mode", "attached")}
-                           for interface in status.get("interfaces", [])]}
+    facts = {"policy_version": int(status.get("policy_version", 0)),
+             "interfaces": [{key: interface.get(key) for key in
+                             ("name", "program_id", "attach_mode", "attached")}
+                            for interface in status.get("interfaces", [])]}
+    failure = status.get("build_failure") or {}
+    if failure.get("log_path"):  # an upgrade the verifier refused: where its log is
+        facts["build_rejected_log"] = failure["log_path"]
+    return facts
 
 
 def _tunneld_facts(status: dict[str, Any]) -> dict[str, Any]:
@@ -399,9 +435,23 @@ def cmd_health(args: argparse.Namespace) -> int:
     return EXIT_OK if serving else EXIT_FAILURE
 
 
+COMPLETION_EXAMPLES = (
+    "vpnctl completion bash > /etc/bash_completion.d/vpnctl",
+    "source <(vpnctl completion bash)               # this bash only",
+    "vpnctl completion zsh > \"${fpath[1]}/_vpnctl\"   # then: autoload -U compinit; compinit",
+    "vpnctl completion fish > ~/.config/fish/completions/vpnctl.fish",
+)
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    """The completion script of one shell, generated from the parser tree."""
+    emit(completion.script(args.shell, build_parser()))
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Handler] = {
     "list": cmd_list, "describe": cmd_describe, "call": cmd_call,
-    "status": cmd_status, "health": cmd_health,
+    "status": cmd_status, "health": cmd_health, "completion": cmd_completion,
 }
 
 
@@ -411,6 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else (EXIT_USAGE if exc.code else EXIT_OK)
+    reflection.VIEWER_ONLY = args.viewer
     # Verb groups (policy, role, ...) name their handler on the parsed arguments.
     handler = COMMANDS.get(args.command) or args.handler
     try:

@@ -26,6 +26,8 @@ from vpnr.vpnctl.policy_verbs import (
 )
 from vpnr.vpnctl.policy_view import (
     binding_view,
+    diff_lines,
+    diff_view,
     role_row,
     role_view,
     rows_text,
@@ -34,6 +36,13 @@ from vpnr.vpnctl.policy_view import (
     zone_view,
 )
 from vpnr.vpnctl.reflection import RpcFailure, UsageError
+
+ANY = "any"  # rule update --src/--dst: match every address again
+
+
+def prefix_or_any(text: str) -> str:
+    """A CIDR prefix (normalized), or ``any``."""
+    return ANY if text.strip().lower() == ANY else prefix_arg(text)
 
 
 def _deleted(args: argparse.Namespace, kind: str, name: object,
@@ -77,6 +86,19 @@ def cmd_role_create(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_role_update(args: argparse.Namespace) -> int:
+    """UpdateRole: a new description (its rules stay; change them with ``vpnctl rule``)."""
+    with connect(args) as client:
+        role = client.call("GetRole", policy_pb2.GetRoleRequest(name=args.name),
+                           policy_pb2.Role)
+        role.description = args.description
+        updated = client.call("UpdateRole", policy_pb2.UpdateRoleRequest(
+            role=role, expected_version=args.expected_version), policy_pb2.Role)
+    view = role_view(updated)
+    show(args, view, "\n".join(table_lines({**view, "rules": len(updated.rules)})))
+    return EXIT_OK
+
+
 def cmd_role_delete(args: argparse.Namespace) -> int:
     """DeleteRole."""
     request = policy_pb2.DeleteRoleRequest(name=args.name,
@@ -115,6 +137,38 @@ def cmd_rule_add(args: argparse.Namespace) -> int:
                               policy_pb2.Rule)
     view = rule_view(created)
     show(args, view, "\n".join(table_lines(rule_row(created))))
+    return EXIT_OK
+
+
+def cmd_rule_get(args: argparse.Namespace) -> int:
+    """GetRule by id."""
+    with connect(args) as client:
+        rule = client.call("GetRule", policy_pb2.GetRuleRequest(id=args.id), policy_pb2.Rule)
+    show(args, rule_view(rule), "\n".join(table_lines(rule_row(rule))))
+    return EXIT_OK
+
+
+def cmd_rule_update(args: argparse.Namespace) -> int:
+    """GetRule, change what the options name, UpdateRule (the rest stays as it was)."""
+    with connect(args) as client:
+        rule = client.call("GetRule", policy_pb2.GetRuleRequest(id=args.id), policy_pb2.Rule)
+        if args.action is not None:
+            rule.action = cast(policy_pb2.Action, ACTIONS[args.action])
+        if args.protocol is not None:
+            rule.protocol = cast(codes_pb2.Protocol, PROTOCOLS[args.protocol])
+        if args.src is not None:
+            rule.src_prefix = "" if args.src == ANY else args.src
+        if args.dst is not None:
+            rule.dst_prefix = "" if args.dst == ANY else args.dst
+        if args.ports is not None:
+            rule.dst_port_from, rule.dst_port_to = args.ports
+        if args.priority is not None:
+            rule.priority = args.priority
+        if args.description is not None:
+            rule.description = args.description
+        updated = client.call("UpdateRule", policy_pb2.UpdateRuleRequest(
+            rule=rule, expected_version=args.expected_version), policy_pb2.Rule)
+    show(args, rule_view(updated), "\n".join(table_lines(rule_row(updated))))
     return EXIT_OK
 
 
@@ -160,6 +214,72 @@ def cmd_binding_add(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_binding_get(args: argparse.Namespace) -> int:
+    """GetBinding by prefix."""
+    with connect(args) as client:
+        binding = client.call("GetBinding", policy_pb2.GetBindingRequest(prefix=args.prefix),
+                              policy_pb2.Binding)
+    view = binding_view(binding)
+    show(args, view, "\n".join(table_lines(view)))
+    return EXIT_OK
+
+
+def cmd_binding_update(args: argparse.Namespace) -> int:
+    """GetBinding, new roles and/or subject, UpdateBinding."""
+    if args.roles is None and args.subject is None:
+        raise UsageError("nothing to change: give --roles or --subject")
+    with connect(args) as client:
+        binding = client.call("GetBinding", policy_pb2.GetBindingRequest(prefix=args.prefix),
+                              policy_pb2.Binding)
+        if args.roles is not None:
+            binding.ClearField("roles")
+            binding.roles.extend(args.roles)
+        if args.subject is not None:
+            binding.subject = args.subject
+        binding.ClearField("traffic")  # output only
+        updated = client.call("UpdateBinding", policy_pb2.UpdateBindingRequest(
+            binding=binding, expected_version=args.expected_version), policy_pb2.Binding)
+    view = binding_view(updated)
+    show(args, view, "\n".join(table_lines(view)))
+    return EXIT_OK
+
+
+def binding_spec(text: str) -> policy_pb2.Binding:
+    """``PREFIX=ROLE[,ROLE...][@SUBJECT]`` -> a Binding (source set by the caller)."""
+    prefix, equals, rest = text.partition("=")
+    roles, _, subject = rest.partition("@")
+    if not equals or not roles:
+        raise argparse.ArgumentTypeError(f"expected PREFIX=ROLE[,ROLE...][@SUBJECT], "
+                                         f"got {text!r}")
+    return policy_pb2.Binding(prefix=prefix_arg(prefix), roles=role_names(roles),
+                              subject=subject)
+
+
+def cmd_binding_replace(args: argparse.Namespace) -> int:
+    """ReplaceBindings: the bindings of one source become exactly the given ones."""
+    if not args.binding and not args.empty:
+        raise UsageError(f"no --binding given: add --empty to remove every binding of "
+                         f"source {args.source!r}")
+    if args.binding and args.empty:
+        raise UsageError("--empty and --binding exclude each other")
+    bindings = []
+    for given in args.binding or []:
+        binding = policy_pb2.Binding()
+        binding.CopyFrom(given)
+        binding.source = args.source
+        bindings.append(binding)
+    request = policy_pb2.ReplaceBindingsRequest(
+        source=args.source, bindings=bindings, expected_version=args.expected_version,
+        reason=args.reason or f"vpnctl binding replace --source {args.source}")
+    with connect(args) as client:
+        reply = client.call("ReplaceBindings", request, policy_pb2.ReplaceResponse)
+    show(args, {"source": args.source, "bindings": len(bindings), "version": reply.version,
+                "diff": diff_view(reply.diff)},
+         "\n".join([f"replaced the bindings of source {args.source} "
+                    f"({len(bindings)} now)", *diff_lines(reply.diff)]))
+    return EXIT_OK
+
+
 def cmd_binding_delete(args: argparse.Namespace) -> int:
     """DeleteBinding by prefix."""
     request = policy_pb2.DeleteBindingRequest(prefix=args.prefix,
@@ -200,6 +320,16 @@ def cmd_zone_set(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_zone_get(args: argparse.Namespace) -> int:
+    """GetZone by prefix."""
+    with connect(args) as client:
+        zone = client.call("GetZone", policy_pb2.GetZoneRequest(prefix=args.prefix),
+                           policy_pb2.ZoneAssignment)
+    view = zone_view(zone)
+    show(args, view, "\n".join(table_lines(view)))
+    return EXIT_OK
+
+
 def cmd_zone_delete(args: argparse.Namespace) -> int:
     """DeleteZone by prefix."""
     request = policy_pb2.DeleteZoneRequest(prefix=args.prefix,
@@ -213,7 +343,7 @@ def cmd_zone_delete(args: argparse.Namespace) -> int:
 
 def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None:
     """Register ``role``, ``rule``, ``binding`` and ``zone`` with their verbs."""
-    role = add_group(commands, common, "role", "roles: list, get, create, delete", [
+    role = add_group(commands, common, "role", "roles: list, get, create, update, delete", [
         "vpnctl role list", "vpnctl role create eng --description engineering",
         "vpnctl role get eng -o yaml"])
     verb = add_verb(role, common, "list", "every role with its rule count", [
@@ -227,13 +357,18 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
     verb.add_argument("name", metavar="NAME",
                       help="a-z, 0-9 and _.:- (at most 63), starting a-z or 0-9")
     verb.add_argument("--description", default="", metavar="TEXT", help="what it is for")
+    verb = add_verb(role, common, "update", "change a role's description", [
+        "vpnctl role update eng --description 'engineering, all sites'"], cmd_role_update)
+    verb.add_argument("name", metavar="NAME", help="role name")
+    verb.add_argument("--description", required=True, metavar="TEXT", help="what it is for")
+    add_expected_version(verb)
     verb = add_verb(role, common, "delete", "delete a role and its rules", [
         "vpnctl role delete eng", "vpnctl role delete eng --expected-version 12"],
                     cmd_role_delete)
     verb.add_argument("name", metavar="NAME", help="role name")
     add_expected_version(verb)
 
-    rule = add_group(commands, common, "rule", "rules of roles: list, add, delete", [
+    rule = add_group(commands, common, "rule", "rules of roles: list, get, add, update, delete", [
         "vpnctl rule list --role eng",
         "vpnctl rule add --role eng --action allow --protocol tcp --dst 10.2.0.0/24 "
         "--ports 22"])
@@ -263,6 +398,25 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
     verb.add_argument("--id", type=rule_id_arg, metavar="N",
                       help="rule id (default: policyd assigns one)")
     verb.add_argument("--description", default="", metavar="TEXT")
+    verb = add_verb(rule, common, "get", "one rule by id", [
+        "vpnctl rule get 10", "vpnctl rule get 10 -o yaml"], cmd_rule_get)
+    verb.add_argument("id", type=rule_id_arg, metavar="ID", help="rule id")
+    verb = add_verb(rule, common, "update", "change a rule (options not given stay)", [
+        "vpnctl rule update 10 --ports 2222",
+        "vpnctl rule update 10 --dst any --description 'ssh anywhere'",
+        "vpnctl rule update 10 --action deny --expected-version 12"], cmd_rule_update)
+    verb.add_argument("id", type=rule_id_arg, metavar="ID", help="rule id")
+    verb.add_argument("--action", choices=tuple(ACTIONS))
+    verb.add_argument("--protocol", choices=tuple(PROTOCOLS))
+    verb.add_argument("--src", type=prefix_or_any, metavar="CIDR|any",
+                      help="source prefix, or any")
+    verb.add_argument("--dst", type=prefix_or_any, metavar="CIDR|any",
+                      help="destination prefix, or any")
+    verb.add_argument("--ports", type=ports_arg, metavar="N[-M]",
+                      help="destination ports (tcp or udp only)")
+    verb.add_argument("--priority", type=priority_arg, metavar="N")
+    verb.add_argument("--description", metavar="TEXT")
+    add_expected_version(verb)
     verb = add_verb(rule, common, "delete", "delete a rule by id", [
         "vpnctl rule delete 10", "vpnctl rule delete 10 --expected-version 12"],
                     cmd_rule_delete)
@@ -270,7 +424,8 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
     add_expected_version(verb)
 
     binding = add_group(commands, common, "binding",
-                        "source prefixes and their roles: list, add, delete", [
+                        "source prefixes and their roles: list, get, add, update, replace, "
+                        "delete", [
                             "vpnctl binding list --role eng",
                             "vpnctl binding add 10.1.0.10/32 --roles eng,ops --subject alice"])
     verb = add_verb(binding, common, "list", "every binding, or those of a source or role", [
@@ -287,12 +442,41 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
     verb.add_argument("--roles", type=role_names, required=True, metavar="ROLE[,ROLE...]")
     verb.add_argument("--subject", default="", metavar="WHO",
                       help="user or device the binding belongs to")
+    verb = add_verb(binding, common, "get", "the binding of one prefix", [
+        "vpnctl binding get 10.1.0.10/32", "vpnctl binding get 10.1.0.10 -o json"],
+                    cmd_binding_get)
+    verb.add_argument("prefix", type=prefix_arg, metavar="PREFIX", help="source CIDR")
+    verb = add_verb(binding, common, "update", "new roles or subject for a prefix", [
+        "vpnctl binding update 10.1.0.10/32 --roles eng,ops",
+        "vpnctl binding update 10.1.0.10/32 --subject bob --expected-version 12"],
+                    cmd_binding_update)
+    verb.add_argument("prefix", type=prefix_arg, metavar="PREFIX", help="source CIDR")
+    verb.add_argument("--roles", type=role_names, metavar="ROLE[,ROLE...]")
+    verb.add_argument("--subject", metavar="WHO")
+    add_expected_version(verb)
+    verb = add_verb(binding, common, "replace",
+                    "make the bindings of one source exactly these (ReplaceBindings)", [
+                        "vpnctl binding replace --source admin "
+                        "--binding 10.1.0.10/32=eng@alice --binding 10.1.5.0/24=eng,ops",
+                        "vpnctl binding replace --source lab --empty"], cmd_binding_replace,
+                    notes="Bindings of other sources are left alone; one policy version for "
+                          "the whole change.")
+    verb.add_argument("--source", required=True, metavar="SOURCE",
+                      help='the owner whose bindings are replaced (e.g. "admin")')
+    verb.add_argument("--binding", type=binding_spec, action="append",
+                      metavar="PREFIX=ROLE[,ROLE...][@SUBJECT]",
+                      help="one binding of the new set (repeat for more)")
+    verb.add_argument("--empty", action="store_true",
+                      help="remove every binding of the source")
+    verb.add_argument("--reason", default="", metavar="TEXT",
+                      help="why, for the audit log (default: the command)")
+    add_expected_version(verb)
     verb = add_verb(binding, common, "delete", "delete the binding of a prefix", [
         "vpnctl binding delete 10.1.0.10/32"], cmd_binding_delete)
     verb.add_argument("prefix", type=prefix_arg, metavar="PREFIX", help="source CIDR")
     add_expected_version(verb)
 
-    zone = add_group(commands, common, "zone", "zones of prefixes: list, set, delete", [
+    zone = add_group(commands, common, "zone", "zones of prefixes: list, get, set, delete", [
         "vpnctl zone list", "vpnctl zone set 10.2.0.0/16 vpn"])
     verb = add_verb(zone, common, "list", "every zone assignment", [
         "vpnctl zone list", "vpnctl zone list -o yaml"], cmd_zone_list)
@@ -304,6 +488,9 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
     verb.add_argument("zone", choices=tuple(ZONES), metavar="ZONE",
                       help="one of " + ", ".join(ZONES))
     verb.add_argument("--description", default="", metavar="TEXT")
+    verb = add_verb(zone, common, "get", "the zone assignment of one prefix", [
+        "vpnctl zone get 10.2.0.0/16", "vpnctl zone get 10.2.0.0/16 -o yaml"], cmd_zone_get)
+    verb.add_argument("prefix", type=prefix_arg, metavar="PREFIX", help="CIDR")
     verb = add_verb(zone, common, "delete", "delete the zone assignment of a prefix", [
         "vpnctl zone delete 10.2.0.0/16"], cmd_zone_delete)
     verb.add_argument("prefix", type=prefix_arg, metavar="PREFIX", help="CIDR")

@@ -43,7 +43,7 @@ from vpnr.vpnctl.policy_view import (
     rows_text,
     snapshot_view,
 )
-from vpnr.vpnctl.reflection import RpcFailure, UsageError, socket_path
+from vpnr.vpnctl.reflection import RpcFailure, UsageError, socket_path, to_dict
 
 EXIT_OK = 0
 EXIT_MISMATCH = 1
@@ -253,6 +253,16 @@ def cmd_policy_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_policy_status(args: argparse.Namespace) -> int:
+    """Status of policyd: version, interfaces and programs, map fill, verdict counters."""
+    with connect(args) as client:
+        status = client.call("Status", policy_pb2.PolicyStatusRequest(),
+                             policy_pb2.PolicyStatus)
+    data = to_dict(status, emit_defaults=True)
+    show(args, data, "\n".join(table_lines(data)))
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------- snapshot verbs
 
 def cmd_snapshot_create(args: argparse.Namespace) -> int:
@@ -387,6 +397,9 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
                       help="craft a non-first fragment (it carries no ports)")
     add_verb(policy, common, "show", "summary of the live policy (GetPolicy)", [
         "vpnctl policy show", "vpnctl --instance b policy show -o yaml"], cmd_policy_show)
+    add_verb(policy, common, "status",
+             "policyd's status: interfaces, programs, map fill, verdict counters", [
+                 "vpnctl policy status", "vpnctl policy status -o json"], cmd_policy_status)
 
     snapshot = add_group(commands, common, "snapshot",
                          "named copies of the policy: create, list, diff, restore, delete", [

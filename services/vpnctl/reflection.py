@@ -32,6 +32,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from vpnr.vpnctl.exitcodes import EXIT_FAILURE, EXIT_UNREACHABLE, EXIT_USAGE, exit_code_of
+
 DAEMONS = ("policyd", "tunneld", "auditd", "idpd")
 SERVICE_DAEMONS = {
     "vpnr.v1.PolicyService": "policyd",
@@ -39,8 +41,6 @@ SERVICE_DAEMONS = {
     "vpnr.v1.AuditService": "auditd",
     "vpnr.v1.IdpService": "idpd",
 }
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
 
 Symbol = ServiceDescriptor | MethodDescriptor | Descriptor | EnumDescriptor
 
@@ -57,7 +57,13 @@ class UsageError(VpnctlError):
     exit_code = EXIT_USAGE
 
 
-class ConnectError(VpnctlError):
+class UnreachableError(VpnctlError):
+    """No daemon that could answer can be reached."""
+
+    exit_code = EXIT_UNREACHABLE
+
+
+class ConnectError(UnreachableError):
     """A daemon's socket cannot be used; the message names the socket and why."""
 
     def __init__(self, daemon: str, path: Path, reason: str) -> None:
@@ -66,10 +72,11 @@ class ConnectError(VpnctlError):
 
 
 class RpcFailure(VpnctlError):
-    """The server answered with a non-OK status."""
+    """The server answered with a non-OK status; the exit code follows the status."""
 
     def __init__(self, code: str, details: str) -> None:
         self.code, self.details = code, details
+        self.exit_code = exit_code_of(code)
         super().__init__(f"{code}: {details}" if details else code)
 
 
@@ -85,6 +92,30 @@ def socket_path(run_dir: str, instance: str, daemon: str) -> Path:
     return Path(run_dir) / instance / f"{daemon}.sock"
 
 
+# vpnctl --viewer: every daemon through its read-only viewer socket (set once by main).
+VIEWER_ONLY = False
+
+
+def viewer_socket(path: Path) -> Path:
+    """The read-only twin ``<daemon>-viewer.sock`` of a daemon's admin socket."""
+    return path.with_name(f"{path.name.removesuffix('.sock')}-viewer.sock")
+
+
+def usable_socket(daemon: str, path: Path, timeout: float | None) -> Path:
+    """The socket to talk to ``daemon`` through, given its admin socket ``path``: the viewer
+    socket with --viewer, or when the admin socket refuses this user (a viewer) and the
+    viewer socket accepts; ConnectError when neither can be used."""
+    chosen = viewer_socket(path) if VIEWER_ONLY else path
+    reason = probe_socket(chosen, timeout)
+    if reason is not None and reason.startswith("permission denied") and not VIEWER_ONLY:
+        viewer = viewer_socket(path)
+        if probe_socket(viewer, timeout) is None:
+            return viewer
+    if reason is not None:
+        raise ConnectError(daemon, chosen, reason)
+    return chosen
+
+
 def probe_socket(path: Path, timeout: float | None) -> str | None:
     """Why the socket cannot be used (``no socket``, ``permission denied``, ...), or None."""
     try:
@@ -92,7 +123,7 @@ def probe_socket(path: Path, timeout: float | None) -> str | None:
     except FileNotFoundError:
         return "no socket"
     except PermissionError:
-        return "permission denied (not in the admin group?)"
+        return "permission denied (not in the admin or viewer group?)"
     except OSError as exc:
         return f"unavailable ({exc.strerror})"
     if not stat.S_ISSOCK(mode):
@@ -102,7 +133,7 @@ def probe_socket(path: Path, timeout: float | None) -> str | None:
         try:
             probe.connect(str(path))
         except PermissionError:
-            return "permission denied (not in the admin group?)"
+            return "permission denied (not in the admin or viewer group?)"
         except ConnectionRefusedError:
             return "unavailable (stale socket: nobody is listening)"
         except OSError as exc:
@@ -130,9 +161,7 @@ class DaemonClient:
     """One daemon's socket, its reflection descriptors and dynamic calls."""
 
     def __init__(self, daemon: str, path: Path, timeout: float | None) -> None:
-        reason = probe_socket(path, timeout)
-        if reason is not None:
-            raise ConnectError(daemon, path, reason)
+        path = usable_socket(daemon, path, timeout)
         self.daemon, self.path, self.timeout = daemon, path, timeout
         self.channel = grpc.insecure_channel(f"unix:{path}")
         self.database = ProtoReflectionDescriptorDatabase(_DeadlineChannel(self.channel, timeout))

@@ -17,7 +17,7 @@ import grpc
 from google.protobuf.message import Message
 
 from vpnr.core.client import socket_target
-from vpnr.vpnctl.reflection import ConnectError, VpnctlError, probe_socket, rpc_failure
+from vpnr.vpnctl.reflection import VpnctlError, rpc_failure, usable_socket
 
 Reply = TypeVar("Reply", bound=Message)
 MAX_PAGES = 100_000  # a server that never ends its pages must not hang vpnctl forever
@@ -31,9 +31,7 @@ class ServiceClient:
     stub_class: ClassVar[type[Any]]
 
     def __init__(self, path: Path, timeout: float | None) -> None:
-        reason = probe_socket(path, timeout)
-        if reason is not None:
-            raise ConnectError(self.daemon, path, reason)
+        path = usable_socket(self.daemon, path, timeout)
         self.path, self.timeout = path, timeout
         self.channel = grpc.insecure_channel(socket_target(path))
         self.stub = self.stub_class(self.channel)
