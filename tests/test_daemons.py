@@ -4,6 +4,7 @@ stops cleanly on SIGTERM with its socket removed."""
 from __future__ import annotations
 
 import json
+import socket
 import stat
 import subprocess
 from pathlib import Path
@@ -179,6 +180,31 @@ def test_second_instance_of_a_daemon_is_refused(tmp_path: Path, instance: str) -
         assert first.socket.exists() and is_serving(first.socket)
     finally:
         assert first.stop() == 0
+
+
+def test_a_failure_after_start_exits_1_and_releases_everything(tmp_path: Path,
+                                                               instance: str) -> None:
+    """A metrics port another process holds fails the start after the app started (its
+    store and drain are running): the daemon must say why in one line, stop what it started
+    and exit 1 promptly (so systemd restarts it), leaving no socket behind."""
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    config = tmp_path / "router.toml"
+    config.write_text(router_toml(instance, tmp_path, extra=f"[auditd]\nmetrics_port = {port}\n"))
+    try:
+        run = subprocess.run([str(BIN / "auditd"), "--config", str(config)],
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        holder.close()
+    assert run.returncode == 1, run.stderr
+    lines = [json.loads(line) for line in run.stderr.splitlines() if line.startswith("{")]
+    errors = [line["msg"] for line in lines if line["level"] == "error"]
+    assert errors == [f"cannot start: cannot serve metrics on 127.0.0.1:{port}: "
+                      "Address already in use"], run.stderr
+    sockets = tmp_path / "run" / instance
+    assert not list(sockets.glob("*.sock")), list(sockets.iterdir())
 
 
 EXAMPLE_IDP_DATA = Path(__file__).resolve().parents[1] / "deploy" / "idp" / "example-data.json"

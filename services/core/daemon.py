@@ -169,6 +169,9 @@ def run_daemon(app_cls: type[DaemonApp], argv: Sequence[str] | None = None) -> i
     except ConfigError as exc:
         log.error("invalid configuration: %s", exc)
         return EXIT_CONFIG
+    except Exception:  # a bug: log it whole, exit 1 so a supervisor restarts the daemon
+        log.exception("stopped by an unexpected error")
+        return EXIT_FAILURE
 
 
 def admin_gid(config: Config) -> int:
@@ -200,7 +203,12 @@ def clear_stale_socket(runtime: Runtime, path: Path) -> None:
         try:
             probe.connect(str(path))
         except OSError:
-            path.unlink()  # nobody listens: a stale socket from a killed process
+            try:
+                path.unlink()  # nobody listens: a stale socket from a killed process
+            except OSError as exc:
+                raise StartupError(f"cannot remove the stale socket {path}: {exc.strerror} "
+                                   "(left by a daemon that ran as another user; remove "
+                                   "it as root)") from exc
         else:
             raise StartupError(f"another {runtime.daemon} is already serving on {path}")
         finally:
@@ -224,7 +232,7 @@ def claim_socket_dir(sock_dir: Path, gid: int) -> None:
                            "that runs as root first (policyd creates it)") from exc
     owner = sock_dir.stat().st_uid
     try:
-        if euid == 0 or owner == euid:
+        if euid in (0, owner):
             os.chown(sock_dir, 0 if euid == 0 else -1, gid)
             os.chmod(sock_dir, mode)
     except PermissionError as exc:
@@ -242,16 +250,7 @@ def prepare_socket(runtime: Runtime, gid: int) -> Path:
     Path(router.run_dir).mkdir(mode=0o755, parents=True, exist_ok=True)
     claim_socket_dir(router.socket_dir, gid)
     path = runtime.socket_path
-    if path.exists() or path.is_symlink():
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()  # nobody listens: a stale socket from a killed process
-        else:
-            raise StartupError(f"another {runtime.daemon} is already serving on {path}")
-        finally:
-            probe.close()
+    clear_stale_socket(runtime, path)
     return path
 
 
@@ -285,43 +284,50 @@ async def serve(app_cls: type[DaemonApp], config: Config) -> int:
     clear_stale_socket(runtime, viewer_path)
     app = app_cls(runtime)
     await app.start()
-    metrics_server = start_metrics(runtime)
+    metrics_server: Any = None
     denials = AuditRecorder(config.router.socket_path("auditd"))
-    read_only = access.ReadOnlyInterceptor(runtime.daemon, str(viewer_path),
-                                           app.control_recorder() or denials.record)
     health_servicer = health.aio.HealthServicer()
-    names = (*app.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME)
-    # Both sockets serve the same servicers; the viewer socket only lets reads through.
     servers: list[tuple[grpc.aio.Server, Path, int]] = []
-    for sock, sock_gid, gate in ((path, gid, []), (viewer_path, viewer_group, [read_only])):
-        server = grpc.aio.server(
-            interceptors=[*gate, access.WriteTimeoutInterceptor()],
-            options=access.SERVER_OPTIONS,
-            maximum_concurrent_rpcs=access.MAX_CONCURRENT_RPCS)
-        app.register(server)
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(names, server)
-        servers.append((server, sock, sock_gid))
-    for server, sock, sock_gid in servers:
-        # The socket is born 0660 (umask), so there is no moment where others may connect.
-        old_umask = os.umask(0o117)
-        try:
-            server.add_insecure_port(f"unix:{sock}")
-            await server.start()
-        finally:
-            os.umask(old_umask)
-        os.chown(sock, -1, sock_gid)  # chgrp only: works for a non-root daemon
-        os.chmod(sock, SOCKET_MODE)
-    for name in ("", *app.service_names):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving", extra={"socket": str(path), "viewer_socket": str(viewer_path),
-                               "metrics": runtime.metrics_address, "version": __version__})
-
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
+        # Anything failing from here on releases what start() acquired and exits 1:
+        # a daemon that cannot serve must not linger (systemd restarts it on failure).
+        metrics_server = start_metrics(runtime)
+        read_only = access.ReadOnlyInterceptor(runtime.daemon, str(viewer_path),
+                                               app.control_recorder() or denials.record)
+        names = (*app.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        # Both sockets serve the same servicers; the viewer socket only lets reads through.
+        for sock, sock_gid, gate in ((path, gid, []), (viewer_path, viewer_group,
+                                                       [read_only])):
+            server = grpc.aio.server(
+                interceptors=[*gate, access.WriteTimeoutInterceptor()],
+                options=access.SERVER_OPTIONS,
+                maximum_concurrent_rpcs=access.MAX_CONCURRENT_RPCS)
+            app.register(server)
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+            reflection.enable_server_reflection(names, server)
+            servers.append((server, sock, sock_gid))
+        for server, sock, sock_gid in servers:
+            # The socket is born 0660 (umask), so there is no moment where others may
+            # connect.
+            old_umask = os.umask(0o117)
+            try:
+                server.add_insecure_port(f"unix:{sock}")
+                await server.start()
+            finally:
+                os.umask(old_umask)
+            try:
+                os.chown(sock, -1, sock_gid)  # chgrp only: works for a non-root daemon
+                os.chmod(sock, SOCKET_MODE)
+            except OSError as exc:
+                raise StartupError(f"cannot give {sock} to its group: {exc.strerror}") from exc
+        for name in ("", *app.service_names):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"socket": str(path), "viewer_socket": str(viewer_path),
+                                   "metrics": runtime.metrics_address, "version": __version__})
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("stopping")
     finally:
