@@ -310,7 +310,6 @@ def test_bad_queries_are_refused_naming_the_field(router: Router) -> None:
         "filter.dst_prefix": audit_pb2.QueryRequest(
             filter=audit_pb2.AuditFilter(dst_prefix="bogus"),
             page=common_pb2.PageRequest(page_size=10)),
-        "page.page_size": audit_pb2.QueryRequest(page=common_pb2.PageRequest(page_size=0)),
         "page.page_token": audit_pb2.QueryRequest(
             page=common_pb2.PageRequest(page_size=10, page_token="x")),
     }
@@ -339,6 +338,27 @@ def test_bad_queries_are_refused_naming_the_field(router: Router) -> None:
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "detail_json" in (err.value.details() or "")
     assert router.status().sinks[0].healthy  # nothing stored was harmed
+
+
+def test_page_size_zero_means_the_default_page_of_100(router: Router) -> None:
+    """proto/vpnr/v1/common.proto: page_size 0 is the server default, as for the other
+    services (auditd used to refuse it)."""
+    router.emit(81, 150)
+    mine = audit_pb2.AuditFilter(src_prefix=f"{SOURCE}/32")
+    wait_for(lambda: len(router.query(src_prefix=f"{SOURCE}/32")) == 150, 5.0,
+             "150 records stored")
+    first = router.audit.Query(audit_pb2.QueryRequest(filter=mine), timeout=10)
+    assert len(first.records) == 100 and first.page.next_page_token
+    rest = router.audit.Query(audit_pb2.QueryRequest(filter=mine, page=common_pb2.PageRequest(
+        page_size=0, page_token=first.page.next_page_token)), timeout=10)
+    assert len(rest.records) == 50 and not rest.page.next_page_token
+    ids = [r.id for r in first.records] + [r.id for r in rest.records]
+    assert ids == [r.id for r in router.query(src_prefix=f"{SOURCE}/32")]  # newest first
+    with pytest.raises(grpc.RpcError) as err:
+        router.audit.Query(audit_pb2.QueryRequest(
+            filter=mine, page=common_pb2.PageRequest(page_size=5001)), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (err.value.details() or "").startswith("page.page_size: must be between 1 and 5000")
 
 
 def test_query_filters_stats_export_and_control_records(router: Router) -> None:

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
 
 from conftest import BIN, DaemonProcess, router_toml, unique
+from vpnr.v1 import common_pb2, tunnel_pb2, tunnel_pb2_grpc
 from vpnr.vpnctl.exitcodes import EXIT_CONFLICT, EXIT_NOT_FOUND, EXIT_USAGE
 from vpnr.vpnctl.main import main
 
@@ -233,3 +235,51 @@ def test_exit_codes_of_the_console_script(tunnel: Tunnel, tmp_path: Path) -> Non
     assert usage.returncode == EXIT_USAGE and "expected a base64 X25519" in usage.stderr
     ok = run(*tunnel.argv("peer", "list", "-o", "json"))
     assert ok.returncode == 0 and isinstance(json.loads(ok.stdout), list)
+
+
+def test_peer_and_session_lists_page_like_policyd_and_idpd(
+        tunnel: Tunnel, capsys: pytest.CaptureFixture[str]) -> None:
+    """tunneld pages with services/core/paging.py: default 100, at most 1000, opaque tokens,
+    and the same error messages as policyd and idpd."""
+    names = sorted(unique("pg-") for _ in range(3))
+    try:
+        for i, name in enumerate(names):
+            as_json(tunnel, capsys, "peer", "add", name, "--public-key", public_key(),
+                    "--allow", f"10.6.{i}.0/24")
+        socket = tunnel.run_dir / tunnel.instance / "tunneld.sock"
+        with grpc.insecure_channel(f"unix:{socket}") as channel:
+            stub = tunnel_pb2_grpc.TunnelServiceStub(channel)
+            seen: list[str] = []
+            totals: set[int] = set()
+            token = ""
+            for _ in range(100):
+                reply = stub.ListPeers(tunnel_pb2.ListPeersRequest(
+                    page=common_pb2.PageRequest(page_size=2, page_token=token)), timeout=10)
+                assert 1 <= len(reply.peers) <= 2
+                seen += [peer.name for peer in reply.peers]
+                totals.add(reply.page.total_size)
+                token = reply.page.next_page_token
+                if not token:
+                    break
+            assert not token, "the pages did not end"
+            assert seen == sorted(set(seen)) and set(names) <= set(seen)  # each once, in order
+            assert totals == {len(seen)}
+            whole = stub.ListPeers(tunnel_pb2.ListPeersRequest(), timeout=10)  # size 0: 100
+            assert [p.name for p in whole.peers] == seen and not whole.page.next_page_token
+
+            for method, request in (("ListPeers", tunnel_pb2.ListPeersRequest),
+                                    ("ListSessions", tunnel_pb2.ListSessionsRequest)):
+                call = getattr(stub, method)
+                for page, message in (
+                        (common_pb2.PageRequest(page_size=1001),
+                         "page.page_size: at most 1000, got 1001"),
+                        (common_pb2.PageRequest(page_token="garbage"),
+                         "page.page_token: not a token from a previous response")):
+                    with pytest.raises(grpc.RpcError) as err:
+                        call(request(page=page), timeout=10)
+                    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+                    assert err.value.details() == message, (method, err.value.details())
+    finally:
+        for name in names:
+            main(tunnel.argv("peer", "remove", name))
+        capsys.readouterr()

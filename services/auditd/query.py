@@ -11,6 +11,7 @@ from vpnr.auditd import records as R
 from vpnr.v1 import audit_pb2, codes_pb2
 
 MAX_PAGE = 5000
+DEFAULT_PAGE = 100  # page_size 0 (proto/vpnr/v1/common.proto: 0 -> server default)
 
 
 class FilterError(ValueError):
@@ -159,9 +160,12 @@ def from_proto(msg: audit_pb2.AuditFilter, field: str = "filter") -> Filter:
 
 
 def page_size(size: int, field: str = "page.page_size") -> int:
-    """Validate a page size: 1 to MAX_PAGE."""
+    """Validate a page size: 0 means DEFAULT_PAGE, otherwise 1 to MAX_PAGE."""
+    if size == 0:
+        return DEFAULT_PAGE
     if not 1 <= size <= MAX_PAGE:
-        raise FilterError(field, f"must be between 1 and {MAX_PAGE}, got {size}")
+        raise FilterError(field, f"must be between 1 and {MAX_PAGE} (0: the default of "
+                                 f"{DEFAULT_PAGE}), got {size}")
     return size
 
 

@@ -12,9 +12,10 @@ from vpnr.core import paging
 from vpnr.core.daemon import Context, unix_timestamp
 from vpnr.idpd.compile import Entry
 from vpnr.idpd.discovery import DiscoveryState, refresh
-from vpnr.idpd.logins import LoginError
+from vpnr.idpd.logins import LoginError, LoginManager
 from vpnr.idpd.oauth import IdpRefused, IdpUnavailable
 from vpnr.idpd.store import LoginRecord
+from vpnr.idpd.sync import SyncEngine
 from vpnr.idpd.tokens import TokenError
 from vpnr.v1 import common_pb2, idp_pb2, idp_pb2_grpc
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 WAIT_MARGIN = 0.5  # answer this long before the caller's deadline
+NO_IDP = "no IdP configured: set [idpd] issuer"
 
 
 async def _abort(context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
@@ -61,15 +63,33 @@ async def _page(context: Context, items: Sequence[T], page: common_pb2.PageReque
 
 
 class IdpServicer(idp_pb2_grpc.IdpServiceServicer):
-    """The IdpService RPCs."""
+    """The IdpService RPCs.
+
+    Without an IdP (``[idpd] issuer`` empty) the reads answer what there is: Status and
+    GetConfig as configured, ListLogins and ListBindings an empty list. Every RPC that needs
+    the IdP (TestConnection, SyncNow, ConfirmSync, StartLogin, WaitLogin, CompleteLogin,
+    Logout) is FAILED_PRECONDITION with :data:`NO_IDP`: no login can exist, so WaitLogin
+    says why rather than NOT_FOUND.
+    """
 
     def __init__(self, app: Idpd) -> None:
         self.app = app
 
     async def _configured(self, context: Context) -> None:
         if not self.app.config.idpd.issuer:
-            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                         "no IdP configured (idpd.issuer is empty)")
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, NO_IDP)
+
+    async def _engine(self, context: Context) -> SyncEngine:
+        """The sync engine, or FAILED_PRECONDITION when no IdP is configured."""
+        if self.app.engine is None:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, NO_IDP)
+        return self.app.engine
+
+    async def _logins(self, context: Context) -> LoginManager:
+        """The login manager, or FAILED_PRECONDITION when no IdP is configured."""
+        if self.app.logins is None:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, NO_IDP)
+        return self.app.logins
 
     async def Status(self, request: idp_pb2.IdpStatusRequest,
                      context: Context) -> idp_pb2.IdpStatus:
@@ -153,28 +173,25 @@ class IdpServicer(idp_pb2_grpc.IdpServiceServicer):
 
     async def SyncNow(self, request: idp_pb2.SyncNowRequest,
                       context: Context) -> idp_pb2.SyncResult:
-        await self._configured(context)
-        assert self.app.engine is not None
-        return await self.app.engine.sync("on demand")
+        engine = await self._engine(context)
+        return await engine.sync("on demand")
 
     async def ConfirmSync(self, request: idp_pb2.ConfirmSyncRequest,
                           context: Context) -> idp_pb2.SyncResult:
-        await self._configured(context)
-        assert self.app.engine is not None
+        engine = await self._engine(context)
         if not request.held_sync_id:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                          "held_sync_id: name the held sync (vpnctl idp status shows it)")
         try:
-            return await self.app.engine.confirm(request.held_sync_id)
+            return await engine.confirm(request.held_sync_id)
         except LookupError as exc:
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
 
     async def StartLogin(self, request: idp_pb2.StartLoginRequest,
                          context: Context) -> idp_pb2.LoginChallenge:
-        await self._configured(context)
-        assert self.app.logins is not None
+        logins = await self._logins(context)
         try:
-            login, pending = await self.app.logins.start(request.address, request.flow)
+            login, pending = await logins.start(request.address, request.flow)
         except LoginError as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except IdpUnavailable as exc:
@@ -197,21 +214,20 @@ class IdpServicer(idp_pb2_grpc.IdpServiceServicer):
 
     async def WaitLogin(self, request: idp_pb2.WaitLoginRequest,
                         context: Context) -> idp_pb2.Login:
-        assert self.app.logins is not None
+        logins = await self._logins(context)
         remaining = context.time_remaining()
         timeout = 30.0 if remaining is None else max(0.0, remaining - WAIT_MARGIN)
         try:
-            login = await self.app.logins.wait(request.login_id, timeout)
+            login = await logins.wait(request.login_id, timeout)
         except LookupError as exc:
             await _abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
         return login_message(login)
 
     async def CompleteLogin(self, request: idp_pb2.CompleteLoginRequest,
                             context: Context) -> idp_pb2.Login:
-        await self._configured(context)
-        assert self.app.logins is not None
+        logins = await self._logins(context)
         try:
-            login = await self.app.logins.complete(
+            login = await logins.complete(
                 request.login_id, request.code, request.state, request.iss, request.error,
                 request.error_description)
         except LookupError as exc:
@@ -224,20 +240,21 @@ class IdpServicer(idp_pb2_grpc.IdpServiceServicer):
 
     async def ListLogins(self, request: idp_pb2.ListLoginsRequest,
                          context: Context) -> idp_pb2.ListLoginsResponse:
-        assert self.app.logins is not None
-        logins = [p.login for p in self.app.logins.pending.values()]
+        # Without an IdP there are no logins: an empty list (the page is still checked).
+        found: list[LoginRecord] = []
+        if self.app.logins is not None:
+            found += [p.login for p in self.app.logins.pending.values()]
         if self.app.engine is not None:
-            logins += [x for x in self.app.engine.logins.values() if request.all or x.active]
-        logins.sort(key=lambda x: x.created_at)
-        chunk, page = await _page(context, logins, request.page)
+            found += [x for x in self.app.engine.logins.values() if request.all or x.active]
+        found.sort(key=lambda x: x.created_at)
+        chunk, page = await _page(context, found, request.page)
         return idp_pb2.ListLoginsResponse(logins=[login_message(x) for x in chunk], page=page)
 
     async def Logout(self, request: idp_pb2.LogoutRequest,
                      context: Context) -> idp_pb2.LogoutResponse:
-        await self._configured(context)
-        assert self.app.logins is not None
+        logins = await self._logins(context)
         try:
-            result = await self.app.logins.logout(request.login_id, request.address)
+            result = await logins.logout(request.login_id, request.address)
         except LoginError as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except LookupError as exc:

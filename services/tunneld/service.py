@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import grpc
 
+from vpnr.core import paging
 from vpnr.core.daemon import Context, unix_timestamp
 from vpnr.tunneld.keys import b64
 from vpnr.tunneld.peers import PeerDef, PeerError, check_conflicts, make_peer
@@ -23,7 +25,7 @@ STATES = {"idle": tunnel_pb2.PEER_STATE_IDLE, "handshaking": tunnel_pb2.PEER_STA
           "unreachable": tunnel_pb2.PEER_STATE_UNREACHABLE}
 SLOTS = {"current": tunnel_pb2.KEYPAIR_SLOT_CURRENT, "previous": tunnel_pb2.KEYPAIR_SLOT_PREVIOUS,
          "next": tunnel_pb2.KEYPAIR_SLOT_NEXT}
-MAX_PAGE = 1000
+T = TypeVar("T")
 MAX_OVERLAP_SECONDS = 30 * 86400
 
 
@@ -73,19 +75,13 @@ def session_message(peer: Peer, clock_offset: float) -> tunnel_pb2.Session:
     return message
 
 
-def _page(request_page: common_pb2.PageRequest, total: int) -> tuple[int, int]:
-    size = request_page.page_size or 100
-    if size > MAX_PAGE:
-        raise PeerError(f"page.page_size: {size} is above the maximum {MAX_PAGE}")
-    start = 0
-    if request_page.page_token:
-        try:
-            start = int(request_page.page_token)
-        except ValueError:
-            raise PeerError("page.page_token: not a token this server issued") from None
-        if not 0 <= start <= total:
-            raise PeerError("page.page_token: not a token this server issued")
-    return start, size
+async def _page(context: Context, items: Sequence[T], page: common_pb2.PageRequest
+                ) -> tuple[Sequence[T], common_pb2.PageResponse]:
+    """One page of ``items`` (services/core/paging.py, as policyd and idpd page)."""
+    try:
+        return paging.page_of(items, page)
+    except paging.PageError as exc:
+        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
 
 class TunnelServicer(tunnel_pb2_grpc.TunnelServiceServicer):
@@ -172,15 +168,8 @@ class TunnelServicer(tunnel_pb2_grpc.TunnelServiceServicer):
                         context: Context) -> tunnel_pb2.ListPeersResponse:
         assert self.app.router is not None
         peers = sorted(self.app.router.peers.values(), key=lambda p: p.defn.name)
-        try:
-            start, size = _page(request.page, len(peers))
-        except PeerError as exc:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        chunk = peers[start:start + size]
-        token = str(start + size) if start + size < len(peers) else ""
-        return tunnel_pb2.ListPeersResponse(
-            peers=[peer_message(p) for p in chunk],
-            page=common_pb2.PageResponse(next_page_token=token, total_size=len(peers)))
+        chunk, page = await _page(context, peers, request.page)
+        return tunnel_pb2.ListPeersResponse(peers=[peer_message(p) for p in chunk], page=page)
 
     async def RemovePeer(self, request: tunnel_pb2.RemovePeerRequest,
                          context: Context) -> tunnel_pb2.RemovePeerResponse:
@@ -206,16 +195,10 @@ class TunnelServicer(tunnel_pb2_grpc.TunnelServiceServicer):
             peers = [await self._need_peer(request.peer, context)]
         else:
             peers = sorted(self.app.router.sessions(), key=lambda p: p.defn.name)
-        try:
-            start, size = _page(request.page, len(peers))
-        except PeerError as exc:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        chunk, page = await _page(context, peers, request.page)
         offset = time.time() - time.monotonic()
-        chunk = peers[start:start + size]
-        token = str(start + size) if start + size < len(peers) else ""
         return tunnel_pb2.ListSessionsResponse(
-            sessions=[session_message(p, offset) for p in chunk],
-            page=common_pb2.PageResponse(next_page_token=token, total_size=len(peers)))
+            sessions=[session_message(p, offset) for p in chunk], page=page)
 
     async def _start_handshake(self, name: str, context: Context) -> tunnel_pb2.Session:
         peer = await self._need_peer(name, context)

@@ -16,6 +16,7 @@ EXIT_CONFLICT = 5
 EXIT_DENIED = 6
 EXIT_TIMEOUT = 7
 EXIT_INTERRUPTED = 130
+EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell shows for a writer killed by a closed pipe
 
 # gRPC status name -> exit code; every other non-OK status exits EXIT_FAILURE.
 GRPC_EXIT_CODES: dict[str, int] = {
@@ -47,6 +48,8 @@ EXIT_TABLE: tuple[tuple[int, str], ...] = (
     (EXIT_DENIED, "PERMISSION_DENIED or UNAUTHENTICATED"),
     (EXIT_TIMEOUT, "DEADLINE_EXCEEDED: no answer within --timeout"),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),
+    (EXIT_PIPE, "output closed early (e.g. piped into head -1): vpnctl stops quietly, "
+                "with no traceback, like a command killed by SIGPIPE"),
 )
 
 

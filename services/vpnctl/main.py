@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -40,6 +41,7 @@ from vpnr.vpnctl.exitcodes import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_PIPE,
     EXIT_USAGE,
     exit_codes_text,
 )
@@ -455,8 +457,34 @@ COMMANDS: dict[str, Handler] = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point; returns the exit code (see --help)."""
+def _reader_gone(stream: TextIO) -> bool:
+    """True when ``stream`` is a pipe or socket whose reading end is closed."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):  # not a real file (io.UnsupportedOperation is both)
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def _output_closed(exc: BrokenPipeError) -> int:
+    """``vpnctl ... | head -1``: the reader left. Stop quietly with EXIT_PIPE, as a command
+    killed by SIGPIPE would; the streams point at /dev/null so that the interpreter's last
+    flush cannot fail either. A broken pipe that is not our output is a bug: re-raised."""
+    gone = [stream for stream in (sys.stdout, sys.stderr) if _reader_gone(stream)]
+    if not gone:
+        raise exc
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for stream in gone:
+            os.dup2(devnull, stream.fileno())
+    finally:
+        os.close(devnull)
+    return EXIT_PIPE
+
+
+def _run(argv: Sequence[str] | None) -> int:
     try:
         args = parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
@@ -471,3 +499,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit code (see --help)."""
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
+        return code
+    except BrokenPipeError as exc:
+        return _output_closed(exc)
