@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -226,3 +227,35 @@ def router_echo(site: Site) -> Iterator[Site]:
     finally:
         proc.kill()
         proc.wait(10)
+
+
+@contextlib.contextmanager
+def local_users(**roles: str) -> Iterator[dict[str, str]]:
+    """Throwaway system users, one per role (value: comma-separated groups, "" for none),
+    deleted afterwards by name, also when a test fails."""
+    made: dict[str, str] = {}
+    try:
+        for role, groups in roles.items():
+            name = unique("vu")
+            argv = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                    name]
+            if groups:
+                argv[1:1] = ["--groups", groups]
+            subprocess.run(argv, check=True)
+            made[role] = name
+        yield made
+    finally:
+        for name in made.values():
+            subprocess.run(["userdel", name], check=False)
+
+
+@pytest.fixture
+def socket_run_dir() -> Iterator[Path]:
+    """A run dir under /run (not the root-only pytest tmp dir), so that only the socket modes
+    protect the daemons' sockets; removed afterwards."""
+    path = Path("/run") / unique("vpnrsock")
+    path.mkdir(mode=0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from conftest import BIN, DaemonProcess, router_toml, unique
+from conftest import BIN, DaemonProcess, local_users, router_toml
 from vpnr.core import access
 from vpnr.v1 import audit_pb2, audit_pb2_grpc, common_pb2, idp_pb2, policy_pb2, tunnel_pb2
 
@@ -93,37 +92,15 @@ def test_every_rpc_of_every_service_is_classified_by_the_naming_rule() -> None:
     assert access.access_of("/vpnr.v1.PolicyService/NewThing") is access.CHANGE
 
 
-def make_user(groups: str = "") -> str:
-    name = unique("va")
-    argv = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name]
-    if groups:
-        argv[1:1] = ["--groups", groups]
-    subprocess.run(argv, check=True)
-    return name
-
-
 @pytest.fixture
 def users() -> Iterator[dict[str, str]]:
-    made: dict[str, str] = {}
-    try:
-        for role, groups in (("viewer", "vpnr-viewer"), ("admin", "vpnr-admin"),
-                             ("outsider", "")):
-            made[role] = make_user(groups)
+    with local_users(viewer="vpnr-viewer", admin="vpnr-admin", outsider="") as made:
         yield made
-    finally:
-        for name in made.values():
-            subprocess.run(["userdel", name], check=False)
 
 
 @pytest.fixture
-def run_dir() -> Iterator[Path]:
-    # Under /run, not the root-only pytest tmp dir, so only the socket modes protect them.
-    path = Path("/run") / unique("vpnracc")
-    path.mkdir(mode=0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+def run_dir(socket_run_dir: Path) -> Path:
+    return socket_run_dir
 
 
 def as_user(user: str, argv: list[str]) -> subprocess.CompletedProcess[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DaemonProcess, router_toml, unique
+from conftest import DaemonProcess, local_users, router_toml
 
 pytestmark = pytest.mark.root
 
@@ -47,34 +46,15 @@ print(json.dumps(results))
 """
 
 
-def make_user(groups: str = "") -> str:
-    name = unique("vu")
-    argv = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name]
-    if groups:
-        argv[1:1] = ["--groups", groups]
-    subprocess.run(argv, check=True)
-    return name
-
-
 @pytest.fixture
 def users() -> Iterator[dict[str, str]]:
-    made = {"outsider": make_user(), "admin": make_user("vpnr-admin")}
-    try:
+    with local_users(outsider="", admin="vpnr-admin") as made:
         yield made
-    finally:
-        for name in made.values():
-            subprocess.run(["userdel", name], check=False)
 
 
 @pytest.fixture
-def run_dir() -> Iterator[Path]:
-    # Under /run, not the root-only pytest tmp dir, so only the socket modes protect them.
-    path = Path("/run") / unique("vpnrperm")
-    path.mkdir(mode=0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+def run_dir(socket_run_dir: Path) -> Path:
+    return socket_run_dir
 
 
 def call_as(user: str, run_dir: Path, instance: str) -> dict[str, list[str]]:

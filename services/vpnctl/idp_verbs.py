@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Self, cast
+from typing import Any, Self
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from google.protobuf.message import Message
@@ -62,7 +62,7 @@ from vpnr.vpnctl.reflection import (
     VpnctlError,
     socket_path,
 )
-from vpnr.vpnctl.service_client import Reply, ServiceClient, follow_pages
+from vpnr.vpnctl.service_client import Reply, ServiceClient
 
 EXIT_OK = 0
 # A sync held by the mass-deletion guard needs an operator: vpnctl has no separate code
@@ -121,17 +121,6 @@ class IdpClient(ServiceClient):
             return self.call(method, request, reply_type)
         finally:
             self.timeout = saved
-
-    def list_all(self, method: str, request: Message, reply_type: type[Message],
-                 items: str) -> list[Any]:
-        """Every item of a paged List call, following ``next_page_token`` to the end."""
-        page: Any = cast(Any, request).page  # every List request has one; Message has not
-
-        def fetch(token: str) -> Message:
-            page.page_token = token
-            return self.call(method, request, reply_type)
-
-        return [item for reply in follow_pages(method, fetch) for item in getattr(reply, items)]
 
 
 def connect(args: argparse.Namespace, default_timeout: float = DEFAULT_TIMEOUT) -> IdpClient:

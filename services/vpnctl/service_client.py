@@ -57,6 +57,19 @@ class ServiceClient:
                               f"expected {reply_type.__name__}")
         return reply
 
+    def list_all(self, method: str, request: Message, reply_type: type[Message],
+                 items: str, page_size: int = 0) -> list[Any]:
+        """Every item of a paged List call, following ``next_page_token`` to the end
+        (``page_size`` 0: the server's default)."""
+        page: Any = cast(Any, request).page  # every List request has one; Message has not
+        page.page_size = page_size
+
+        def fetch(token: str) -> Message:
+            page.page_token = token
+            return self.call(method, request, reply_type)
+
+        return [item for reply in follow_pages(method, fetch) for item in getattr(reply, items)]
+
 
 def follow_pages(method: str, fetch: Callable[[str], Reply]) -> Iterator[Reply]:
     """Each page of a paged call: ``fetch(page_token)`` answers one page, starting from the

@@ -9,7 +9,6 @@ steer the Noise sessions with them (list, create, delete, rotate). Text comes fr
 from __future__ import annotations
 
 import argparse
-from typing import Any, cast
 
 from google.protobuf.message import Message
 
@@ -20,7 +19,7 @@ from vpnr.vpnctl.output import table_lines
 from vpnr.vpnctl.policy_verbs import add_page_size, prefix_arg, show
 from vpnr.vpnctl.policy_view import rows_text
 from vpnr.vpnctl.reflection import UsageError, socket_path
-from vpnr.vpnctl.service_client import ServiceClient, follow_pages
+from vpnr.vpnctl.service_client import ServiceClient
 from vpnr.vpnctl.tunnel_view import (
     peer_row,
     peer_view,
@@ -44,18 +43,6 @@ class TunnelClient(ServiceClient):
 
     daemon = "tunneld"
     stub_class = tunnel_pb2_grpc.TunnelServiceStub
-
-    def list_all(self, method: str, request: Message, reply_type: type[Message],
-                 items: str, page_size: int = 0) -> list[Any]:
-        """Every item of a paged List call, following ``next_page_token`` to the end."""
-        page: Any = cast(Any, request).page  # every List request has one; Message has not
-        page.page_size = page_size
-
-        def fetch(token: str) -> Message:
-            page.page_token = token
-            return self.call(method, request, reply_type)
-
-        return [item for reply in follow_pages(method, fetch) for item in getattr(reply, items)]
 
 
 def connect(args: argparse.Namespace) -> TunnelClient:
