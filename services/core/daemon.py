@@ -331,6 +331,10 @@ async def serve(app_cls: type[DaemonApp], config: Config) -> int:
         await stop.wait()
         log.info("stopping")
     finally:
+        # The metrics server notices a shutdown only at its next poll (up to 0.5 s): let it
+        # wind down while the gRPC servers and the app stop, not after them.
+        metrics_stop = None if metrics_server is None else \
+            asyncio.ensure_future(asyncio.to_thread(metrics_server.shutdown))
         await health_servicer.enter_graceful_shutdown()
         await asyncio.gather(*(server.stop(STOP_GRACE_SECONDS) for server, _, _ in servers))
         await app.stop()
@@ -338,8 +342,8 @@ async def serve(app_cls: type[DaemonApp], config: Config) -> int:
         for _, sock, _ in servers:
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()
-        if metrics_server is not None:
-            metrics_server.shutdown()
+        if metrics_stop is not None:
+            await metrics_stop
             metrics_server.server_close()
     log.info("stopped")
     return EXIT_OK

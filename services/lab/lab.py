@@ -262,10 +262,12 @@ class Lab:
         exe = str(Path(sys.executable).parent / daemon)
         return [exe, "--config", str(site.config_path)]
 
-    def start_daemon(self, site: Site, daemon: str) -> int:
-        """Start one daemon of a router in its namespace; returns its pid."""
+    def start_daemon(self, site: Site, daemon: str, env: dict[str, str] | None = None) -> int:
+        """Start one daemon of a router in its namespace; returns its pid. ``env`` adds to
+        the environment (e.g. another build: vpnr.lab.upgrade)."""
         entry = self._spawn(f"{site.instance}/{daemon}", site.router_ns,
-                            self.daemon_argv(site, daemon), site.log_dir / f"{daemon}.log")
+                            self.daemon_argv(site, daemon), site.log_dir / f"{daemon}.log",
+                            env=env)
         return int(entry["pid"])
 
     def process(self, name: str) -> dict[str, Any] | None:

@@ -9,15 +9,19 @@ with the RBAC program on its TC ingress.
 - ``tc_decap`` (bpf/xdp_rbac.c) is policyd's RBAC with the source zone VPN, built from the
   same lib/ code against policyd's pinned maps, auditing as source TC_DECAP. It is built in
   a child process (vpnr.policyd.build: bcc stays out of tunneld), pinned with its build id,
-  and adopted without a rebuild when tunneld restarts.
+  and adopted without a rebuild when tunneld restarts. Before an upgrade,
+  ``python -m vpnr.tunneld.decap --config FILE`` run from the new build compiles and pins
+  the new program while the old tunneld still carries traffic; the new tunneld adopts it.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import struct
@@ -31,6 +35,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from vpnr.core import bpfsys
+from vpnr.core.config import ConfigError, load_config
 from vpnr.policyd.datapath import BPF_DIR, BUILD_TIMEOUT, ENTRY_FILE, XdpDatapath
 from vpnr.tunneld.coalesce import NO_GSO, coalesce
 
@@ -132,19 +137,7 @@ class DecapInterface:
     def attach_program(self, pin_dir: Path, ring_bytes: int) -> None:
         """Adopt the pinned decap program when its build id matches, else build it; then
         make it the TAP's TC ingress filter (replacing an older one atomically)."""
-        datapath = XdpDatapath(pin_dir, (), ring_bytes)
-        build_id = hashlib.sha256(datapath.compute_build_id() + ENTRY.encode()).digest()
-        prog_pin = pin_dir / f"{ENTRY}_{build_id.hex()[:16]}"
-        stages_pin = pin_dir / f"tc_stages_{build_id.hex()[:16]}"
-        prog_fd = -1
-        if prog_pin.exists() and stages_pin.exists():
-            prog_fd = bpfsys.obj_get(str(prog_pin))
-            if XdpDatapath._program_build_id(prog_fd) != build_id:
-                os.close(prog_fd)
-                prog_fd = -1
-        self.adopted = prog_fd >= 0
-        if prog_fd < 0:
-            prog_fd = self._build(datapath, build_id, prog_pin, stages_pin)
+        prog_fd, self.adopted, prog_pin, stages_pin = prepare_program(pin_dir, ring_bytes)
         try:
             self._attach(prog_fd)
             self.prog_id = bpfsys.prog_info(prog_fd).id
@@ -156,24 +149,6 @@ class DecapInterface:
         for stale in pin_dir.glob("tc_stages_*"):
             if stale != stages_pin:
                 stale.unlink(missing_ok=True)
-
-    @staticmethod
-    def _build(datapath: XdpDatapath, build_id: bytes, prog_pin: Path,
-               stages_pin: Path) -> int:
-        for path in (prog_pin, stages_pin):
-            path.unlink(missing_ok=True)
-        argv = [sys.executable, "-m", "vpnr.policyd.build", "--source",
-                str(BPF_DIR / ENTRY_FILE), "--function", ENTRY, "--prog-type", "sched_cls",
-                "--stages-table", "tc_stages", f"--stage-function={STAGE}",
-                "--build-id", build_id.hex(), "--staging", str(prog_pin),
-                "--stages", str(stages_pin)]
-        argv += [f"--cflag={flag}" for flag in datapath.cflags()]
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=BUILD_TIMEOUT,
-                              check=False)
-        if proc.returncode != 0:
-            raise DecapError(f"cannot build the decap program from {BPF_DIR / ENTRY_FILE}:\n"
-                             f"{proc.stderr.strip()[-4000:]}")
-        return bpfsys.obj_get(str(prog_pin))
 
     def _attach(self, prog_fd: int) -> None:
         with IPRoute() as ipr:
@@ -187,3 +162,63 @@ class DecapInterface:
                        parent="ffff:fff2", classid=1, direct_action=True, prio=1)
             except NetlinkError as exc:
                 raise DecapError(f"TC filter on {self.name}: {exc}") from exc
+
+
+def prepare_program(pin_dir: Path, ring_bytes: int) -> tuple[int, bool, Path, Path]:
+    """This build's decap program, pinned under its build id: adopted from the pin when
+    there, else compiled and pinned. Returns (program fd, adopted, program pin, stages
+    pin); attaches nothing, so it may run while another build's tunneld carries traffic."""
+    datapath = XdpDatapath(pin_dir, (), ring_bytes)
+    build_id = hashlib.sha256(datapath.compute_build_id() + ENTRY.encode()).digest()
+    prog_pin = pin_dir / f"{ENTRY}_{build_id.hex()[:16]}"
+    stages_pin = pin_dir / f"tc_stages_{build_id.hex()[:16]}"
+    if prog_pin.exists() and stages_pin.exists():
+        prog_fd = bpfsys.obj_get(str(prog_pin))
+        if XdpDatapath._program_build_id(prog_fd) == build_id:
+            return prog_fd, True, prog_pin, stages_pin
+        os.close(prog_fd)
+    return _build(datapath, build_id, prog_pin, stages_pin), False, prog_pin, stages_pin
+
+
+def _build(datapath: XdpDatapath, build_id: bytes, prog_pin: Path, stages_pin: Path) -> int:
+    for path in (prog_pin, stages_pin):
+        path.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "vpnr.policyd.build", "--source",
+            str(BPF_DIR / ENTRY_FILE), "--function", ENTRY, "--prog-type", "sched_cls",
+            "--stages-table", "tc_stages", f"--stage-function={STAGE}",
+            "--build-id", build_id.hex(), "--staging", str(prog_pin),
+            "--stages", str(stages_pin)]
+    argv += [f"--cflag={flag}" for flag in datapath.cflags()]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=BUILD_TIMEOUT,
+                          check=False)
+    if proc.returncode != 0:
+        raise DecapError(f"cannot build the decap program from {BPF_DIR / ENTRY_FILE}:\n"
+                         f"{proc.stderr.strip()[-4000:]}")
+    return bpfsys.obj_get(str(prog_pin))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vpnr.tunneld.decap --config FILE``: before an upgrade, run from the new
+    build while the old tunneld still runs. It compiles and pins the new build's decap
+    program beside the running one, so the new tunneld adopts it at start instead of
+    compiling it while the tunnel is down. Prints the program id."""
+    parser = argparse.ArgumentParser(prog="python -m vpnr.tunneld.decap",
+                                     description=main.__doc__)
+    parser.add_argument("--config", required=True, help="the router's TOML file")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+        prog_fd, adopted, _, _ = prepare_program(config.router.pin_dir,
+                                                 config.policyd.audit_ring_mib << 20)
+    except (ConfigError, DecapError, bpfsys.BpfError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        print(json.dumps({"prog_id": bpfsys.prog_info(prog_fd).id, "adopted": adopted}))
+    finally:
+        os.close(prog_fd)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
