@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -51,6 +51,12 @@ log = logging.getLogger("vpnr.daemon")
 
 # What every servicer method receives; requests and responses are typed per method.
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+async def abort(context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
+    """End an RPC with ``code`` and ``message`` (context.abort raises; this says so)."""
+    await context.abort(code, message)
+    raise AssertionError("unreachable")
 
 
 class StartupError(Exception):

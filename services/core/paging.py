@@ -7,6 +7,9 @@ import binascii
 from collections.abc import Sequence
 from typing import TypeVar
 
+import grpc
+
+from vpnr.core.daemon import Context, abort
 from vpnr.v1 import common_pb2
 
 T = TypeVar("T")
@@ -53,3 +56,13 @@ def page_response(offset: int, size: int, total: int) -> common_pb2.PageResponse
     if offset + size < total:
         token = base64.urlsafe_b64encode(str(offset + size).encode()).decode()
     return common_pb2.PageResponse(next_page_token=token, total_size=total)
+
+
+async def page_or_abort(context: Context, items: Sequence[T], page: common_pb2.PageRequest
+                        ) -> tuple[Sequence[T], common_pb2.PageResponse]:
+    """:func:`page_of` for a servicer: a wrong PageRequest ends the RPC with
+    INVALID_ARGUMENT naming the field."""
+    try:
+        return page_of(items, page)
+    except PageError as exc:
+        await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))

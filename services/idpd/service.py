@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import TYPE_CHECKING
 
 import grpc
 
 from vpnr.core import paging
-from vpnr.core.daemon import Context, unix_timestamp
+from vpnr.core.daemon import Context, abort, unix_timestamp
 from vpnr.idpd.compile import Entry
 from vpnr.idpd.discovery import DiscoveryState, refresh
 from vpnr.idpd.logins import LoginError, LoginManager
@@ -17,19 +16,13 @@ from vpnr.idpd.oauth import IdpRefused, IdpUnavailable
 from vpnr.idpd.store import LoginRecord
 from vpnr.idpd.sync import SyncEngine
 from vpnr.idpd.tokens import TokenError
-from vpnr.v1 import common_pb2, idp_pb2, idp_pb2_grpc
+from vpnr.v1 import idp_pb2, idp_pb2_grpc
 
 if TYPE_CHECKING:
     from vpnr.idpd.main import Idpd
 
-T = TypeVar("T")
 WAIT_MARGIN = 0.5  # answer this long before the caller's deadline
 NO_IDP = "no IdP configured: set [idpd] issuer"
-
-
-async def _abort(context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
-    await context.abort(code, message)
-    raise AssertionError("unreachable")
 
 
 def login_message(login: LoginRecord) -> idp_pb2.Login:
@@ -54,14 +47,6 @@ def binding_message(entry: Entry) -> idp_pb2.IdpBinding:
                               username=entry.username, groups=list(entry.groups))
 
 
-async def _page(context: Context, items: Sequence[T], page: common_pb2.PageRequest
-                ) -> tuple[Sequence[T], common_pb2.PageResponse]:
-    try:
-        return paging.page_of(items, page)
-    except paging.PageError as exc:
-        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-
-
 class IdpServicer(idp_pb2_grpc.IdpServiceServicer):
     """The IdpService RPCs.
 
@@ -77,18 +62,18 @@ class IdpServicer(idp_pb2_grpc.IdpServiceServicer):
 
     async def _configured(self, context: Context) -> None:
         if not self.app.config.idpd.issuer:
-            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, NO_IDP)
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, NO_IDP)
 
     async def _engine(self, context: Context) -> SyncEngine:
         """The sync engine, or FAILED_PRECONDITION when no IdP is configured."""
         if self.app.engine is None:
-            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, NO_IDP)
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, NO_IDP)
         return self.app.engine
 
     async def _logins(self, context: Context) -> LoginManager:
         """The login manager, or FAILED_PRECONDITION when no IdP is configured."""
         if self.app.logins is None:
-            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, NO_IDP)
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, NO_IDP)
         return self.app.logins
 
     async def Status(self, request: idp_pb2.IdpStatusRequest,
@@ -180,12 +165,12 @@ class IdpServicer(idp_pb2_grpc.IdpServiceServicer):
                           context: Context) -> idp_pb2.SyncResult:
         engine = await self._engine(context)
         if not request.held_sync_id:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                          "held_sync_id: name the held sync (vpnctl idp status shows it)")
         try:
             return await engine.confirm(request.held_sync_id)
         except LookupError as exc:
-            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
 
     async def StartLogin(self, request: idp_pb2.StartLoginRequest,
                          context: Context) -> idp_pb2.LoginChallenge:
@@ -193,11 +178,11 @@ class IdpServicer(idp_pb2_grpc.IdpServiceServicer):
         try:
             login, pending = await logins.start(request.address, request.flow)
         except LoginError as exc:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except IdpUnavailable as exc:
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, f"the IdP is unreachable: {exc}")
+            await abort(context, grpc.StatusCode.UNAVAILABLE, f"the IdP is unreachable: {exc}")
         except IdpRefused as exc:
-            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                          f"the IdP refused to start a login: {exc}")
         reply = idp_pb2.LoginChallenge(login_id=login.login_id,
                                        expires_at=unix_timestamp(pending.expires_at))
@@ -220,7 +205,7 @@ class IdpServicer(idp_pb2_grpc.IdpServiceServicer):
         try:
             login = await logins.wait(request.login_id, timeout)
         except LookupError as exc:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
+            await abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
         return login_message(login)
 
     async def CompleteLogin(self, request: idp_pb2.CompleteLoginRequest,
@@ -231,11 +216,11 @@ class IdpServicer(idp_pb2_grpc.IdpServiceServicer):
                 request.login_id, request.code, request.state, request.iss, request.error,
                 request.error_description)
         except LookupError as exc:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
+            await abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
         except LoginError as exc:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except IdpUnavailable as exc:
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, f"the IdP is unreachable: {exc}")
+            await abort(context, grpc.StatusCode.UNAVAILABLE, f"the IdP is unreachable: {exc}")
         return login_message(login)
 
     async def ListLogins(self, request: idp_pb2.ListLoginsRequest,
@@ -247,7 +232,7 @@ class IdpServicer(idp_pb2_grpc.IdpServiceServicer):
         if self.app.engine is not None:
             found += [x for x in self.app.engine.logins.values() if request.all or x.active]
         found.sort(key=lambda x: x.created_at)
-        chunk, page = await _page(context, found, request.page)
+        chunk, page = await paging.page_or_abort(context, found, request.page)
         return idp_pb2.ListLoginsResponse(logins=[login_message(x) for x in chunk], page=page)
 
     async def Logout(self, request: idp_pb2.LogoutRequest,
@@ -256,11 +241,11 @@ class IdpServicer(idp_pb2_grpc.IdpServiceServicer):
         try:
             result = await logins.logout(request.login_id, request.address)
         except LoginError as exc:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except LookupError as exc:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
+            await abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
         if result.outcome == idp_pb2.SYNC_OUTCOME_FAILED:
-            await _abort(context, grpc.StatusCode.UNAVAILABLE,
+            await abort(context, grpc.StatusCode.UNAVAILABLE,
                          f"logged out, but the binding is not removed yet: {result.error} "
                          "(the next sync retries)")
         return idp_pb2.LogoutResponse(policy_version=result.policy_version)
@@ -269,6 +254,6 @@ class IdpServicer(idp_pb2_grpc.IdpServiceServicer):
                            context: Context) -> idp_pb2.ListIdpBindingsResponse:
         entries = sorted(self.app.engine.bound.values(), key=lambda e: e.prefix) \
             if self.app.engine is not None else []
-        chunk, page = await _page(context, entries, request.page)
+        chunk, page = await paging.page_or_abort(context, entries, request.page)
         return idp_pb2.ListIdpBindingsResponse(bindings=[binding_message(e) for e in chunk],
                                                page=page)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TypeVar
 import grpc
 
 from vpnr.core import paging
-from vpnr.core.daemon import Context, unix_timestamp
+from vpnr.core.daemon import Context, abort, unix_timestamp
 from vpnr.policyd import convert, testrun
 from vpnr.policyd.engine import (
     Change,
@@ -45,24 +45,20 @@ PROTOCOL_NUMBERS: dict[int, int] = {codes_pb2.PROTOCOL_TCP: 6, codes_pb2.PROTOCO
 T = TypeVar("T")
 
 
-async def _abort(context: Context, code: grpc.StatusCode, message: str) -> None:
-    await context.abort(code, message)
-
-
 async def guarded(context: Context, call: Callable[[], Awaitable[T]]) -> T:
     """Run ``call``; turn domain errors into gRPC status codes."""
     try:
         return await call()
     except NotFoundError as exc:
-        await _abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
+        await abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
     except ConflictError as exc:
-        await _abort(context, grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        await abort(context, grpc.StatusCode.ALREADY_EXISTS, str(exc))
     except PolicyError as exc:
-        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     except VersionMismatchError as exc:
-        await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
     except ResourceError as exc:
-        await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
     raise AssertionError("unreachable")  # context.abort raises
 
 

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import TYPE_CHECKING
 
 import grpc
 
 from vpnr.core import paging
-from vpnr.core.daemon import Context, unix_timestamp
+from vpnr.core.daemon import Context, abort, unix_timestamp
 from vpnr.tunneld.keys import b64
 from vpnr.tunneld.peers import PeerDef, PeerError, check_conflicts, make_peer
 from vpnr.tunneld.router import Peer
-from vpnr.v1 import common_pb2, tunnel_pb2, tunnel_pb2_grpc
+from vpnr.v1 import tunnel_pb2, tunnel_pb2_grpc
 
 if TYPE_CHECKING:
     from vpnr.tunneld.main import Tunneld
@@ -25,13 +24,7 @@ STATES = {"idle": tunnel_pb2.PEER_STATE_IDLE, "handshaking": tunnel_pb2.PEER_STA
           "unreachable": tunnel_pb2.PEER_STATE_UNREACHABLE}
 SLOTS = {"current": tunnel_pb2.KEYPAIR_SLOT_CURRENT, "previous": tunnel_pb2.KEYPAIR_SLOT_PREVIOUS,
          "next": tunnel_pb2.KEYPAIR_SLOT_NEXT}
-T = TypeVar("T")
 MAX_OVERLAP_SECONDS = 30 * 86400
-
-
-async def _abort(context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
-    await context.abort(code, message)
-    raise AssertionError("unreachable")  # context.abort raises
 
 
 def peer_message(peer: Peer) -> tunnel_pb2.Peer:
@@ -75,15 +68,6 @@ def session_message(peer: Peer, clock_offset: float) -> tunnel_pb2.Session:
     return message
 
 
-async def _page(context: Context, items: Sequence[T], page: common_pb2.PageRequest
-                ) -> tuple[Sequence[T], common_pb2.PageResponse]:
-    """One page of ``items`` (services/core/paging.py, as policyd and idpd page)."""
-    try:
-        return paging.page_of(items, page)
-    except paging.PageError as exc:
-        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-
-
 class TunnelServicer(tunnel_pb2_grpc.TunnelServiceServicer):
     """Peers, sessions, the static key, and status."""
 
@@ -96,10 +80,10 @@ class TunnelServicer(tunnel_pb2_grpc.TunnelServiceServicer):
 
     async def _need_peer(self, name: str, context: Context) -> Peer:
         if not name:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "name: required")
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "name: required")
         peer = self._peer(name)
         if peer is None:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, f"peer {name!r} does not exist")
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"peer {name!r} does not exist")
         return peer
 
     async def Status(self, request: tunnel_pb2.TunnelStatusRequest,
@@ -138,13 +122,13 @@ class TunnelServicer(tunnel_pb2_grpc.TunnelServiceServicer):
             if defn.public_key == self.app.router.keys.public:
                 raise PeerError("public_key: this router's own key")
         except PeerError as exc:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"peer.{exc}")
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"peer.{exc}")
         return defn
 
     async def AddPeer(self, request: tunnel_pb2.AddPeerRequest,
                       context: Context) -> tunnel_pb2.Peer:
         if self._peer(request.peer.name) is not None:
-            await _abort(context, grpc.StatusCode.ALREADY_EXISTS,
+            await abort(context, grpc.StatusCode.ALREADY_EXISTS,
                          f"peer {request.peer.name!r} exists (UpdatePeer changes it)")
         defn = await self._validated(request.peer, context)
         peer = await self.app.put_peer(defn, "tunnel.peer.added")
@@ -154,7 +138,7 @@ class TunnelServicer(tunnel_pb2_grpc.TunnelServiceServicer):
                          context: Context) -> tunnel_pb2.Peer:
         old = await self._need_peer(request.peer.name, context)
         if old.defn.revoked or old.state == "revoked":
-            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                          f"peer {old.defn.name!r} is revoked; remove it and add a new key")
         defn = await self._validated(request.peer, context)
         peer = await self.app.put_peer(defn, "tunnel.peer.updated")
@@ -168,7 +152,7 @@ class TunnelServicer(tunnel_pb2_grpc.TunnelServiceServicer):
                         context: Context) -> tunnel_pb2.ListPeersResponse:
         assert self.app.router is not None
         peers = sorted(self.app.router.peers.values(), key=lambda p: p.defn.name)
-        chunk, page = await _page(context, peers, request.page)
+        chunk, page = await paging.page_or_abort(context, peers, request.page)
         return tunnel_pb2.ListPeersResponse(peers=[peer_message(p) for p in chunk], page=page)
 
     async def RemovePeer(self, request: tunnel_pb2.RemovePeerRequest,
@@ -181,7 +165,7 @@ class TunnelServicer(tunnel_pb2_grpc.TunnelServiceServicer):
                          context: Context) -> tunnel_pb2.Peer:
         peer = await self._need_peer(request.name, context)
         if len(request.reason) > 1024:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                          "reason: at most 1024 characters")
         await self.app.revoke_peer(peer, request.reason)
         return peer_message(peer)
@@ -195,7 +179,7 @@ class TunnelServicer(tunnel_pb2_grpc.TunnelServiceServicer):
             peers = [await self._need_peer(request.peer, context)]
         else:
             peers = sorted(self.app.router.sessions(), key=lambda p: p.defn.name)
-        chunk, page = await _page(context, peers, request.page)
+        chunk, page = await paging.page_or_abort(context, peers, request.page)
         offset = time.time() - time.monotonic()
         return tunnel_pb2.ListSessionsResponse(
             sessions=[session_message(p, offset) for p in chunk], page=page)
@@ -203,10 +187,10 @@ class TunnelServicer(tunnel_pb2_grpc.TunnelServiceServicer):
     async def _start_handshake(self, name: str, context: Context) -> tunnel_pb2.Session:
         peer = await self._need_peer(name, context)
         if peer.state == "revoked":
-            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                          f"peer {name!r} is revoked")
         if peer.endpoint is None:
-            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                          f"peer {name!r} has no endpoint: it must contact us first")
         assert self.app.router is not None
         self.app.router.initiate(peer)
@@ -229,7 +213,7 @@ class TunnelServicer(tunnel_pb2_grpc.TunnelServiceServicer):
     async def RotateStaticKey(self, request: tunnel_pb2.RotateStaticKeyRequest,
                               context: Context) -> tunnel_pb2.RotateStaticKeyResponse:
         if request.overlap_seconds > MAX_OVERLAP_SECONDS:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                          f"overlap_seconds: at most {MAX_OVERLAP_SECONDS}")
         previous, valid_until = await self.app.rotate_static_key(request.overlap_seconds)
         assert self.app.router is not None
