@@ -180,26 +180,16 @@ def run_daemon(app_cls: type[DaemonApp], argv: Sequence[str] | None = None) -> i
         return EXIT_FAILURE
 
 
-def admin_gid(config: Config) -> int:
-    """The numeric id of the configured admin group."""
+def group_gid(config: Config, key: str) -> int:
+    """The numeric id of the group named by ``router.<key>`` (admin_group, viewer_group)."""
+    name = getattr(config.router, key)
     try:
-        return grp.getgrnam(config.router.admin_group).gr_gid
+        return grp.getgrnam(name).gr_gid
     except KeyError as exc:
         raise ConfigError(
-            config.path, "router.admin_group",
-            f"group {config.router.admin_group!r} does not exist on this host "
-            "(deploy/setup-host.sh creates vpnr-admin)") from exc
-
-
-def viewer_gid(config: Config) -> int:
-    """The numeric id of the configured viewer group."""
-    try:
-        return grp.getgrnam(config.router.viewer_group).gr_gid
-    except KeyError as exc:
-        raise ConfigError(
-            config.path, "router.viewer_group",
-            f"group {config.router.viewer_group!r} does not exist on this host "
-            "(deploy/setup-host.sh creates vpnr-viewer)") from exc
+            config.path, f"router.{key}",
+            f"group {name!r} does not exist on this host "
+            "(deploy/setup-host.sh creates vpnr-admin and vpnr-viewer)") from exc
 
 
 def clear_stale_socket(runtime: Runtime, path: Path) -> None:
@@ -283,10 +273,10 @@ def start_metrics(runtime: Runtime) -> Any:
 async def serve(app_cls: type[DaemonApp], config: Config) -> int:
     """Run one daemon until SIGTERM/SIGINT; returns the exit code."""
     runtime = Runtime(daemon=app_cls.name, config=config)
-    gid = admin_gid(config)
+    gid = group_gid(config, "admin_group")
     path = prepare_socket(runtime, gid)
     viewer_path = config.router.viewer_socket_path(runtime.daemon)
-    viewer_group = viewer_gid(config)
+    viewer_group = group_gid(config, "viewer_group")
     clear_stale_socket(runtime, viewer_path)
     app = app_cls(runtime)
     await app.start()
